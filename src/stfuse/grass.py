@@ -48,14 +48,16 @@ def _ensure_importable() -> None:
         sys.path.insert(0, grass_config("python_path"))
 
 
-def create_project(path: str | os.PathLike, epsg: int) -> Path:
-    """Create a GRASS project (a 'location' before 8.4) with the CRS of EPSG:`epsg`."""
+def create_project(path: str | os.PathLike, epsg: int | None = None, *, georef: str | None = None) -> Path:
+    """Create a GRASS project (a 'location' before 8.4) with the CRS of EPSG:`epsg` or of a raster file."""
     path = Path(path)
+    if (epsg is None) == (georef is None):
+        raise ValueError("give exactly one of epsg or georef")
     if (path / "PERMANENT").is_dir():
         raise GrassError(f"GRASS project {path} already exists")
     path.parent.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(
-        [grass_executable(), "-e", "-c", f"EPSG:{int(epsg)}", str(path)],
+        [grass_executable(), "-e", "-c", f"EPSG:{int(epsg)}" if epsg is not None else str(georef), str(path)],
         capture_output=True,
         text=True,
     )
@@ -154,3 +156,22 @@ def session(project: str | os.PathLike, mapset: str = "PERMANENT", *, lock: bool
 
 def map_exists(gs, name: str, element: str = "raster") -> bool:
     return bool(gs.find_file(name, element=element)["file"])
+
+
+OWN_MAPSET_MARKER = ".stfuse_mapset"
+
+
+def own_mapset(project: str | os.PathLike, mapset: str) -> Path:
+    """(Re)create a mapset that belongs to the pipeline, marked so that it can be replaced safely.
+
+    A mapset of that name without the marker is the user's: it is never touched.
+    """
+    path = Path(project) / mapset
+    if path.exists() and not (path / OWN_MAPSET_MARKER).exists():
+        raise GrassError(
+            f"mapset {path} exists and was not made by stfuse; it is left alone: "
+            "choose another mapset name in the config (input.grass_project.mapset)"
+        )
+    created = create_mapset(project, mapset, replace=True)
+    (created / OWN_MAPSET_MARKER).write_text("made by stfuse; replaced on every rerun\n")
+    return created

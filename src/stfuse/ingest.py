@@ -153,9 +153,10 @@ def _derive_validity(gs, tgis, sensor, spec, dates, names, tmp) -> str:
     classes = spec["mask"].get("valid_classes", [4, 5, 6, 7, 11])
     exprs, lines = [], []
     for when in dates:
-        cls = names[(when, spec["mask"]["band"])]
+        # Quoted: map ids from a user's project may hold dots and @mapset.
+        cls = f'"{names[(when, spec["mask"]["band"])]}"'
         clear = " || ".join(f"{cls} == {c}" for c in classes)
-        bands_ok = " && ".join(f"!isnull({names[(when, b)]})" for b in spec["bands"])
+        bands_ok = " && ".join(f'!isnull("{names[(when, b)]}")' for b in spec["bands"])
         out = map_name(sensor, "valid", when)
         exprs.append(f"{out} = if(isnull({cls}), null(), if(({clear}) && {bands_ok}, 1, 0))")
         lines.append(f"{out}|{when.strftime('%Y-%m-%d %H:%M:%S')}|valid")
@@ -170,3 +171,67 @@ def _derive_validity(gs, tgis, sensor, spec, dates, names, tmp) -> str:
 def write_state(state: dict, path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(state, indent=1) + "\n")
+
+
+# --- Steps of the workflow (one function per rule; rule scripts only pass paths and config) ---
+
+PROJECT_MARKER = ".stfuse_project"
+
+
+def prepare_project(manifest_path, sensors: dict, region: dict, project_dir, checked_csv) -> dict:
+    """Check the whole manifest, then (re)create the pipeline's GRASS project with the study region.
+
+    Nothing is written before every check has passed; the project folder is only ever replaced when
+    it carries stfuse's marker.
+    """
+    import shutil
+
+    from . import grass
+    from .manifest import load
+
+    df, grid = load(manifest_path, sensors, region)
+    project_dir = Path(project_dir)
+    if project_dir.exists():
+        if not (project_dir / PROJECT_MARKER).exists():
+            raise grass.GrassError(f"{project_dir} exists and was not made by stfuse; refusing to replace it")
+        shutil.rmtree(project_dir)
+    if grid.epsg is not None:
+        grass.create_project(project_dir, grid.epsg)
+    else:
+        grass.create_project(project_dir, georef=df.path.iloc[0])
+    (project_dir / PROJECT_MARKER).write_text("made by stfuse; replaced on every rerun of ingest\n")
+    with grass.session(project_dir) as gs:
+        set_region(gs, grid, default=True)
+    out = df.assign(start_time=[_iso(t) for t in df.start_time],
+                    file_nodata=["none" if v is None else repr(float(v)) for v in df.file_nodata])
+    Path(checked_csv).parent.mkdir(parents=True, exist_ok=True)
+    out.to_csv(checked_csv, index=False)
+    counts = df.groupby("sensor").start_time.nunique().to_dict()
+    log.info("manifest %s: %d rasters, dates per sensor %s, region %s", manifest_path, len(df), counts, grid_dict(grid))
+    return dict(project=str(project_dir.resolve()), source="manifest", manifest=str(Path(manifest_path).resolve()),
+                crs_wkt=grid.crs_wkt, region=grid_dict(grid), rasters=len(df), dates=counts)
+
+
+def read_checked(checked_csv) -> pd.DataFrame:
+    df = pd.read_csv(checked_csv, converters={"file_nodata": lambda v: None if v == "none" else float(v)})
+    df["start_time"] = pd.to_datetime(df.start_time, utc=True)
+    return df
+
+
+def grid_from_project(state: dict) -> Grid:
+    r = state["region"]
+    return Grid(r["epsg"], state["crs_wkt"], r["west"], r["north"], r["res_x"], r["res_y"], r["cols"], r["rows"])
+
+
+def ingest_sensor(project_state: dict, checked_csv, sensor: str, spec: dict) -> dict:
+    """Import one sensor into its own mapset `ingest_<sensor>` (replaced on rerun)."""
+    from . import grass
+
+    project = project_state["project"]
+    mapset = f"ingest_{sensor}"
+    grass.own_mapset(project, mapset)
+    df = read_checked(checked_csv)
+    with grass.session(project, mapset) as gs:
+        state = import_sensor(gs, df[df.sensor == sensor], grid_from_project(project_state), sensor, spec)
+    state["project"] = project
+    return state

@@ -192,7 +192,10 @@ def inspect_rasters(df: pd.DataFrame) -> pd.DataFrame:
                     )
         except RasterioIOError as err:
             raise ManifestError(f"{where}:{line}: file {p} is unreadable or corrupt ({err})") from None
-    out = pd.concat([df.reset_index(drop=True), pd.DataFrame(info)], axis=1)
+    info_df = pd.DataFrame(info)
+    # object dtype keeps "no nodata tag" (None) apart from a NaN tag
+    info_df["file_nodata"] = pd.Series([i["file_nodata"] for i in info], dtype=object)
+    out = pd.concat([df.reset_index(drop=True), info_df], axis=1)
     out.attrs.update(df.attrs)
     return out
 

@@ -1,0 +1,134 @@
+"""Use STRDS of an existing GRASS project as input, without writing into any of the user's mapsets.
+
+The pipeline creates mapsets of its own inside the user's project (marked, replaced on rerun), puts the
+user's mapsets on their search path, and reads the STRDS through TGIS. Validity maps derived from the
+optical mask band are written into the pipeline's mapset only.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+from . import grass
+from .ingest import _derive_validity, _iso, grid_dict
+from .manifest import Grid
+
+log = logging.getLogger("stfuse.existing")
+
+
+class InputError(ValueError):
+    """An STRDS given as input is missing or unusable; the message names it."""
+
+
+def _mapset_of(strds_id: str) -> str:
+    if "@" not in strds_id:
+        raise InputError(f"config key input.grass_project.strds: '{strds_id}' must be name@mapset")
+    return strds_id.split("@", 1)[1]
+
+
+def registered_maps(tgis, strds_id: str) -> pd.DataFrame:
+    """id, name, start_time (UTC), semantic_label of every map of an absolute-time STRDS."""
+    ds = tgis.open_old_stds(strds_id, "strds")
+    if ds.get_temporal_type() != "absolute":
+        raise InputError(f"STRDS {strds_id} has relative time; stfuse needs absolute (UTC) start times")
+    rows = ds.get_registered_maps(columns="id,name,start_time,semantic_label", order="start_time")
+    if not rows:
+        raise InputError(f"STRDS {strds_id} is empty")
+    df = pd.DataFrame([dict(r) for r in rows])
+    df["start_time"] = pd.to_datetime(df.start_time).dt.tz_localize("UTC")
+    return df
+
+
+def check_strds(tgis, strds_id: str, sensor: str, spec: dict) -> pd.DataFrame:
+    df = registered_maps(tgis, strds_id)
+    wanted = list(spec["bands"]) + ([spec["mask"]["band"]] if spec.get("mask") else [])
+    missing = [b for b in wanted if b not in set(df.semantic_label.dropna())]
+    if missing:
+        raise InputError(
+            f"STRDS {strds_id} ({sensor}) has no maps with semantic label {', '.join(missing)}; "
+            "set them with r.semantic.label or t.register"
+        )
+    df = df[df.semantic_label.isin(wanted)]
+    for when, labels in df.groupby("start_time").semantic_label.agg(set).items():
+        lacking = [b for b in wanted if b not in labels]
+        if lacking:
+            raise InputError(f"STRDS {strds_id}: the granule at {_iso(when)} lacks band(s) {', '.join(lacking)}")
+    return df
+
+
+def prepare_project(project_dir, mapset: str, strds: dict, sensors: dict, region: dict) -> dict:
+    """Check the user's STRDS and record the study region; creates only the pipeline's own mapset."""
+    project_dir = Path(project_dir).resolve()
+    if not (project_dir / "PERMANENT" / "DEFAULT_WIND").is_file():
+        raise InputError(f"config key input.grass_project.path: {project_dir} is not a GRASS project")
+    for sensor in sensors:
+        if sensor not in strds:
+            raise InputError(f"config key input.grass_project.strds lacks sensor '{sensor}'")
+    grass.own_mapset(project_dir, mapset)
+    with grass.session(project_dir, mapset) as gs:
+        import grass.temporal as tgis
+
+        _search(gs, strds.values())
+        tgis.init()
+        first = {}
+        for sensor, spec in sensors.items():
+            df = check_strds(tgis, strds[sensor], sensor, spec)
+            first[sensor] = df.id.iloc[0]
+        optical = next(s for s, spec in sensors.items() if spec["role"] == "optical")
+        if region.get("from", "data") == "explicit":
+            b = region["bounds"]
+            gs.run_command("g.region", n=b["north"], s=b["south"], e=b["east"], w=b["west"], res=region["resolution"])
+        else:
+            gs.run_command("g.region", raster=first[optical])
+        reg = gs.region()
+        epsg = gs.parse_command("g.proj", flags="g").get("srid", "")
+        wkt = gs.read_command("g.proj", flags="w").strip()
+    grid = Grid(int(epsg.split(":")[-1]) if epsg.upper().startswith("EPSG:") else None, wkt,
+                reg["w"], reg["n"], reg["ewres"], reg["nsres"], reg["cols"], reg["rows"])
+    return dict(project=str(project_dir), source="grass_project", mapset=mapset, strds=strds,
+                crs_wkt=wkt, region=grid_dict(grid))
+
+
+def _search(gs, strds_ids) -> None:
+    mapsets = sorted({_mapset_of(s) for s in strds_ids})
+    gs.run_command("g.mapsets", mapset=",".join(mapsets), operation="add", quiet=True)
+
+
+def ingest_sensor(project_state: dict, sensor: str, spec: dict) -> dict:
+    """JSON state of one user STRDS; for optical sensors, validity maps in the pipeline's own mapset."""
+    from .ingest import set_region, grid_from_project
+
+    project = project_state["project"]
+    mapset = f"{project_state['mapset']}_{sensor}"
+    strds_id = project_state["strds"][sensor]
+    grass.own_mapset(project, mapset)
+    with grass.session(project, mapset) as gs:
+        import grass.temporal as tgis
+
+        _search(gs, [strds_id])
+        tgis.init()
+        grid = grid_from_project(project_state)
+        set_region(gs, grid)
+        df = check_strds(tgis, strds_id, sensor, spec)
+        names = {(r.start_time, r.semantic_label): r.id for r in df.itertuples()}
+        dates = sorted(df.start_time.unique())
+        valid_strds = None
+        mask_band = spec.get("mask", {}).get("band")
+        if mask_band:
+            with tempfile.TemporaryDirectory(prefix="stfuse_valid_") as tmp:
+                valid_strds = _derive_validity(gs, tgis, sensor, spec, dates, names, tmp)
+    granules = []
+    for when in dates:
+        g = {"start_time": _iso(when), "maps": {b: names[(when, b)] for b in spec["bands"]}}
+        if mask_band:
+            g["mask_band"] = names[(when, mask_band)]
+            g["valid"] = f"{sensor}_valid_{when.strftime('%Y%m%dT%H%M%S')}@{mapset}"
+        granules.append(g)
+    log.info("%s: %d granules of %s, validity in %s", sensor, len(dates), strds_id, valid_strds)
+    return dict(sensor=sensor, role=spec["role"], mapset=mapset, strds=strds_id, valid_strds=valid_strds,
+                bands=list(spec["bands"]), mask_band=mask_band, region=grid_dict(grid), granules=granules,
+                project=project)

@@ -1,0 +1,76 @@
+# Stage 1: demo scene (synthetic input only), GRASS project, one STRDS per sensor.
+
+
+rule scene:
+    output:
+        manifest=f"{RESULTS}/scene/manifest.csv",
+        truth=f"{RESULTS}/scene/truth/manifest.csv",
+        info=f"{RESULTS}/scene/scene.json",
+    log:
+        f"{LOGS}/scene/scene.log",
+    benchmark:
+        f"{BENCH}/scene/scene.tsv"
+    params:
+        synthetic=config["input"].get("synthetic", {}),
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    conda:
+        "../../envs/grass.yaml"
+    script:
+        "../scripts/scene.py"
+
+
+rule ingest_project:
+    input:
+        manifest=manifest_file,
+    output:
+        state=f"{RESULTS}/ingest/project.json",
+    log:
+        f"{LOGS}/ingest/project.log",
+    benchmark:
+        f"{BENCH}/ingest/project.tsv"
+    params:
+        input=config["input"],
+        sensors=config["sensors"],
+        region=config["region"],
+        project=GRASS_PROJECT,
+        checked=f"{RESULTS}/ingest/checked_manifest.csv",
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    conda:
+        "../../envs/grass.yaml"
+    script:
+        "../scripts/ingest_project.py"
+
+
+rule ingest_sensor:
+    input:
+        project=f"{RESULTS}/ingest/project.json",
+    output:
+        state=f"{RESULTS}/ingest/{{sensor}}.json",
+    log:
+        f"{LOGS}/ingest/{{sensor}}.log",
+    benchmark:
+        f"{BENCH}/ingest/{{sensor}}.tsv"
+    params:
+        sensors=config["sensors"],
+        checked=f"{RESULTS}/ingest/checked_manifest.csv",
+    wildcard_constraints:
+        sensor="|".join(SENSORS),
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    conda:
+        "../../envs/grass.yaml"
+    script:
+        "../scripts/ingest_sensor.py"
+
+
+rule ingest:
+    input:
+        stage_targets("ingest"),
