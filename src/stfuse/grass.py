@@ -142,6 +142,11 @@ def session(project: str | os.PathLike, mapset: str = "PERMANENT", *, lock: bool
         os.environ["GRASS_VERBOSE"] = os.environ.get("STFUSE_GRASS_VERBOSE", "0")
         yield gs
     finally:
+        tgis = sys.modules.get("grass.temporal")
+        if tgis is not None:
+            # TGIS keeps helper processes bound to this session; the next session starts its own.
+            with contextlib.suppress(Exception):
+                tgis.stop_subprocesses()
         if handle is not None:
             gisrc = os.environ.get("GISRC")
             with contextlib.suppress(Exception):

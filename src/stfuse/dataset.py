@@ -1,0 +1,304 @@
+"""PyTorch dataset over tiles written by :func:`stfuse.tiles.export_tiles`.
+
+One sample is one (tile, target date t). The model sees the optical bands at t with their
+unusable pixels zeroed, the clear mask at t, K previous and K next optical dates, the SAR bands
+paired with t and the static layers, and learns to predict the optical bands at t.
+
+Input channels, in order (names in :attr:`GapFillDataset.input_channels`):
+
+1. ``<band>@t`` for each optical band (normalised, 0 where not clear), ``<valid>@t`` (1 clear);
+2. for j = 1..K the previous date t-j, then for j = 1..K the next date t+j (nearest first):
+   ``<band>@t-j`` (normalised, 0 where not clear), ``<valid>@t-j``, ``dt@t-j`` (constant:
+   (time of t-j - time of t) in days / 30, signed) and ``present@t-j`` (constant: 1 if the date
+   exists, 0 beyond the ends of the series, where every channel of that date is 0);
+3. ``<sar band>@sar`` (normalised, NaN -> 0; all 0 when t has no paired SAR) and ``dt@sar``
+   (constant: the SAR gap in days / 30 as given in ``sar_gap_days``; 0 when there is none);
+4. the static layers by name (normalised, NaN -> 0).
+
+"Clear" means valid == 1 and every optical band finite (:func:`stfuse.tiles.clear_mask`).
+Normalisation is ``(x - mean) / std`` with the training statistics in ``stats.json``; mask and
+time channels are not normalised.
+
+The tile array is memory-mapped lazily, once per process (the dataset only stores the path),
+so the dataset pickles cheaply and works with ``DataLoader(num_workers > 0)`` under both the
+``fork`` and ``spawn`` start methods.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import numbers
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from stfuse.tiles import (
+    CHANNELS_FILE,
+    CLEAR_FILE,
+    INDEX_FILE,
+    STATS_FILE,
+    TILES_FILE,
+    channel_indices,
+    clear_mask,
+)
+
+__all__ = ["GapFillDataset", "DT_SCALE_DAYS"]
+
+logger = logging.getLogger("stfuse.dataset")
+
+#: time offsets (optical neighbours and SAR gap) are given to the model in units of 30 days
+DT_SCALE_DAYS = 30.0
+SPLITS = ("train", "val")
+
+
+class GapFillDataset(Dataset):
+    """Samples (tile, target date) from an ``export_tiles`` directory.
+
+    Parameters
+    ----------
+    tiles_dir
+        Directory written by :func:`stfuse.tiles.export_tiles`.
+    split
+        ``"train"`` or ``"val"``.
+    k_neighbours
+        K previous and K next optical dates given to the model (>= 0).
+    min_target_valid
+        A (tile, t) pair is a sample only if at least this fraction of the tile's pixels is
+        clear at t.
+    extra_mask_seed, extra_mask_fraction
+        Artificial masking for self-supervised training: with probability
+        ``extra_mask_fraction`` per sample, the pixels that are not clear at another, random
+        date of the same tile are also hidden at t (zeroed in the input bands at t and in
+        ``valid@t`` / ``mask``). The draw uses ``numpy.random.default_rng([extra_mask_seed,
+        index])``, so it is the same for a given sample whatever the worker; with
+        ``extra_mask_seed=None`` it is fresh randomness every time. ``target_valid`` always
+        keeps the original clear mask, so hidden-but-known pixels are
+        ``target_valid & ~mask``.
+
+    A sample is a dict: ``image`` (C_in, s, s) float32, ``mask`` (1, s, s) the clear mask at
+    t after artificial masking, ``target`` (n_optical, s, s) normalised optical bands at t
+    (NaN -> 0; cloudy pixels keep their values, use ``target_valid``), ``target_valid``
+    (1, s, s) the original clear mask at t, and ``metadata``: ``tile`` (row in tiles.npy),
+    ``row``, ``col``, ``t``, ``start_time`` (str), ``masked_with`` (the date index whose mask
+    was borrowed, -1 if none). The default ``collate_fn`` batches it.
+    """
+
+    def __init__(self, tiles_dir, split="train", k_neighbours=2, min_target_valid=0.05,
+                 extra_mask_seed=None, extra_mask_fraction=0.0):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if isinstance(k_neighbours, bool) or not isinstance(k_neighbours, numbers.Integral) \
+                or k_neighbours < 0:
+            raise ValueError(f"k_neighbours must be an integer >= 0, got {k_neighbours!r}")
+        for name, value in (("min_target_valid", min_target_valid),
+                            ("extra_mask_fraction", extra_mask_fraction)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) \
+                    or not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be a number within [0, 1], got {value!r}")
+        if extra_mask_seed is not None and (isinstance(extra_mask_seed, bool) or not isinstance(
+                extra_mask_seed, numbers.Integral) or extra_mask_seed < 0):
+            raise ValueError(f"extra_mask_seed must be None or an integer >= 0, "
+                             f"got {extra_mask_seed!r}")
+
+        root = Path(tiles_dir)
+        for name in (TILES_FILE, INDEX_FILE, CLEAR_FILE, CHANNELS_FILE, STATS_FILE):
+            if not (root / name).is_file():
+                raise FileNotFoundError(f"{root / name} is missing; is {root} an export_tiles "
+                                        "directory?")
+        self.tiles_path = str((root / TILES_FILE).resolve())
+        self.split = split
+        self.k_neighbours = int(k_neighbours)
+        self.min_target_valid = float(min_target_valid)
+        self.extra_mask_seed = None if extra_mask_seed is None else int(extra_mask_seed)
+        self.extra_mask_fraction = float(extra_mask_fraction)
+
+        meta = json.loads((root / CHANNELS_FILE).read_text())
+        stats = json.loads((root / STATS_FILE).read_text())
+        self.channels = meta["channels"]
+        self.dates = meta["dates"]
+        self.size = int(meta["size"])
+        self.stats = stats
+        names = [ch["name"] for ch in self.channels]
+        stat_names = [ch["name"] for ch in stats["channels"]]
+        if stat_names != names:
+            raise ValueError(f"{root}: stats.json channels {stat_names} do not match "
+                             f"channels.json {names}")
+        self._mean = np.array([c["mean"] for c in stats["channels"]], dtype=np.float32)
+        self._std = np.array([c["std"] for c in stats["channels"]], dtype=np.float32)
+        idx = channel_indices(self.channels)
+        self._valid = idx["valid"][0]
+        self._optical = idx["optical"]
+        self._sar = idx["sar"]
+        self._static = idx["static"]
+        self.n_dates = len(self.dates)
+        self._offsets = np.array([d["offset_days"] for d in self.dates], dtype=np.float64)
+        self._sar_gap = np.array([np.nan if d.get("sar_gap_days") is None
+                                  else float(d["sar_gap_days"]) for d in self.dates])
+
+        index = pd.read_csv(root / INDEX_FILE, dtype={"tile": np.int64, "row": np.int64,
+                                                       "col": np.int64, "split": str})
+        clear = np.load(root / CLEAR_FILE)
+        if clear.shape != (len(index), self.n_dates):
+            raise ValueError(f"{root}: {CLEAR_FILE} has shape {clear.shape}, expected "
+                             f"({len(index)}, {self.n_dates})")
+        self.index = index[index["split"] == split].reset_index(drop=True)
+        tiles = self.index["tile"].to_numpy()
+        ok = clear[tiles] >= self.min_target_valid
+        rows, ts = np.nonzero(ok)  # row-major: tile by tile, dates in order
+        self._items = np.stack([rows, ts], axis=1).astype(np.int64)
+        self._tile_ids = tiles
+        self._tile_rows = self.index["row"].to_numpy()
+        self._tile_cols = self.index["col"].to_numpy()
+        if len(self._items) == 0:
+            logger.warning("GapFillDataset(%s, split=%r): no sample (no tile in that split, or "
+                           "no date with >= %.3f clear pixels)", root, split, min_target_valid)
+
+        opt_names = [names[i] for i in self._optical]
+        valid_name = names[self._valid]
+        inputs = [f"{n}@t" for n in opt_names] + [f"{valid_name}@t"]
+        for tag in self._neighbour_tags():
+            inputs += [f"{n}@{tag}" for n in opt_names]
+            inputs += [f"{valid_name}@{tag}", f"dt@{tag}", f"present@{tag}"]
+        inputs += [f"{names[i]}@sar" for i in self._sar] + ["dt@sar"]
+        inputs += [names[i] for i in self._static]
+        self.input_channels: list[str] = inputs
+        self.target_channels: list[str] = opt_names
+
+        self._array = None  # opened lazily, once per process
+        self._array_pid = None
+
+    # ---------------------------------------------------------------------------------------
+    def _neighbour_tags(self) -> list[str]:
+        k = self.k_neighbours
+        return [f"t-{j}" for j in range(1, k + 1)] + [f"t+{j}" for j in range(1, k + 1)]
+
+    def _neighbour_offsets(self) -> list[int]:
+        k = self.k_neighbours
+        return [-j for j in range(1, k + 1)] + [j for j in range(1, k + 1)]
+
+    @property
+    def n_input_channels(self) -> int:
+        return len(self.input_channels)
+
+    def input_spec(self) -> dict:
+        """Plain-JSON description of the model inputs, to save with a trained model."""
+        return {
+            "input_channels": list(self.input_channels),
+            "target_channels": list(self.target_channels),
+            "k_neighbours": self.k_neighbours,
+            "dt_scale_days": DT_SCALE_DAYS,
+            "size": self.size,
+            "stats": {c["name"]: {"mean": c["mean"], "std": c["std"]}
+                      for c in self.stats["channels"]},
+        }
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_array"] = None  # never pickle an open memmap: each process maps its own
+        state["_array_pid"] = None
+        return state
+
+    def _tiles(self) -> np.ndarray:
+        pid = os.getpid()
+        if self._array is None or self._array_pid != pid:
+            self._array = np.load(self.tiles_path, mmap_mode="r")
+            self._array_pid = pid
+        return self._array
+
+    def _normalise(self, x: np.ndarray, channels) -> np.ndarray:
+        """(len(channels), s, s) -> normalised float32 with NaN -> 0."""
+        ch = list(channels)
+        out = (x - self._mean[ch, None, None]) / self._std[ch, None, None]
+        return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32, copy=False)
+
+    # ---------------------------------------------------------------------------------------
+    def __getitem__(self, index):
+        if isinstance(index, torch.Tensor):
+            index = int(index)
+        n = len(self._items)
+        if not -n <= index < n:
+            raise IndexError(f"sample {index} out of range for {n} samples")
+        index = int(index) % n
+        row, t = (int(v) for v in self._items[index])
+        tile_id = int(self._tile_ids[row])
+        n_dates, k = self.n_dates, self.k_neighbours
+
+        # artificial masking: decide first, so the extra date is read in the same go
+        other = -1
+        if self.extra_mask_fraction > 0 and n_dates > 1:
+            seed = None if self.extra_mask_seed is None else [self.extra_mask_seed, index]
+            rng = np.random.default_rng(seed)
+            if rng.random() < self.extra_mask_fraction:
+                other = int(rng.integers(n_dates - 1))
+                other += other >= t  # any date but t
+
+        offs = self._neighbour_offsets()
+        neighbours = [t + o for o in offs]
+        needed = sorted({t, *(d for d in neighbours if 0 <= d < n_dates),
+                         *([other] if other >= 0 else [])})
+        block = np.asarray(self._tiles()[tile_id, needed], dtype=np.float32)  # one read
+        pos = {d: i for i, d in enumerate(needed)}
+        clear = clear_mask(block, self._valid, self._optical)  # (len(needed), s, s)
+
+        s = self.size
+        n_opt = len(self._optical)
+        image = np.zeros((self.n_input_channels, s, s), dtype=np.float32)
+
+        cur = block[pos[t]]
+        target_valid = clear[pos[t]]
+        mask = target_valid.copy()
+        if other >= 0:
+            mask &= clear[pos[other]]
+        target = self._normalise(cur[self._optical], self._optical)
+        image[:n_opt] = np.where(mask, target, 0.0)
+        image[n_opt] = mask
+        c = n_opt + 1
+        for off, d in zip(offs, neighbours):
+            if 0 <= d < n_dates:
+                nb_clear = clear[pos[d]]
+                bands = self._normalise(block[pos[d]][self._optical], self._optical)
+                image[c:c + n_opt] = np.where(nb_clear, bands, 0.0)
+                image[c + n_opt] = nb_clear
+                image[c + n_opt + 1] = (self._offsets[d] - self._offsets[t]) / DT_SCALE_DAYS
+                image[c + n_opt + 2] = 1.0
+            c += n_opt + 3
+        n_sar = len(self._sar)
+        gap = self._sar_gap[t]
+        if n_sar:
+            if np.isfinite(gap):
+                image[c:c + n_sar] = self._normalise(cur[self._sar], self._sar)
+            c += n_sar
+        image[c] = gap / DT_SCALE_DAYS if np.isfinite(gap) else 0.0
+        c += 1
+        if self._static:
+            image[c:c + len(self._static)] = self._normalise(cur[self._static], self._static)
+            c += len(self._static)
+        assert c == self.n_input_channels
+
+        metadata = {
+            "tile": tile_id,
+            "row": int(self._tile_rows[row]),
+            "col": int(self._tile_cols[row]),
+            "t": t,
+            "start_time": str(self.dates[t]["start_time"]),
+            "masked_with": other,
+        }
+        return {
+            "image": torch.from_numpy(image),
+            "mask": torch.from_numpy(mask[None].astype(np.float32)),
+            "target": torch.from_numpy(np.ascontiguousarray(target)),
+            "target_valid": torch.from_numpy(target_valid[None].astype(np.float32)),
+            "metadata": metadata,
+        }
+
+    def __repr__(self) -> str:
+        return (f"GapFillDataset({os.path.dirname(self.tiles_path)!r}, split={self.split!r}, "
+                f"samples={len(self)}, inputs={self.n_input_channels}, k={self.k_neighbours})")

@@ -1,0 +1,295 @@
+"""Tests for stfuse.dataset.GapFillDataset on a cube whose values tell which date they come from."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from stfuse.dataset import DT_SCALE_DAYS, GapFillDataset
+from stfuse.tiles import export_tiles
+
+OFFSETS = [0.0, 5.0, 10.0, 20.0, 25.0, 35.0, 40.5]  # days after the first date
+T = len(OFFSETS)
+H = W = 64
+SIZE = 32
+NO_SAR_DATE = 4
+CLOUDY_DATE = 5  # no clear pixel at all
+NAN_PIXEL = (2, 1, 1)  # (date, row, col): B04 is NaN there, so that pixel is not clear
+NAMES = ["B04", "B08", "valid", "VV", "VH", "dem"]
+KINDS = ["optical", "optical", "valid", "sar", "sar", "static"]
+
+
+def band_value(band: int, d: int) -> float:
+    return 10.0 * band + d  # B04 = d, B08 = 10 + d
+
+
+def build_cube():
+    cube = np.zeros((T, len(NAMES), H, W), dtype=np.float32)
+    cols = np.arange(W)
+    for d in range(T):
+        cube[d, 0] = band_value(0, d)
+        cube[d, 1] = band_value(1, d)
+        cube[d, 2] = 1.0
+        cube[d, 2][:, cols % 8 == d] = 0.0  # each date its own cloudy columns
+        cube[d, 3] = 100.0 + d
+        cube[d, 4] = 200.0 + d
+        cube[d, 5] = np.arange(H, dtype=np.float32)[:, None]  # DEM = row number
+    cube[CLOUDY_DATE, 2] = 0.0
+    cube[NO_SAR_DATE, 3:5] = np.nan
+    d, r, c = NAN_PIXEL
+    cube[d, 0, r, c] = np.nan
+    return cube
+
+
+def build_dates():
+    t0 = pd.Timestamp("2021-04-03T10:36:12Z")
+    out = []
+    for d, off in enumerate(OFFSETS):
+        out.append({
+            "start_time": (t0 + pd.Timedelta(days=off)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "optical_id": f"S2_{d}",
+            "sar_id": None if d == NO_SAR_DATE else f"S1_{d}",
+            "sar_gap_days": None if d == NO_SAR_DATE else (-1.0 - d if d % 2 else 2.0 + d),
+            "clear_fraction": 0.0,
+        })
+    return out
+
+
+CUBE = build_cube()
+DATES = build_dates()
+CLEAR = (CUBE[:, 2] == 1) & np.isfinite(CUBE[:, 0]) & np.isfinite(CUBE[:, 1])  # (T, H, W)
+
+
+@pytest.fixture(scope="module")
+def tiles_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiles")
+    channels = [{"name": n, "sensor": "S2" if k in ("optical", "valid") else "S1", "kind": k}
+                for n, k in zip(NAMES, KINDS)]
+    channels[-1]["sensor"] = "static"
+    export_tiles(CUBE, channels, DATES, out, size=SIZE, overlap=0, min_valid_fraction=0.0,
+                 block_size=SIZE, val_fraction=0.25, seed=0)
+    return out
+
+
+def norm(ds, name, value):
+    entry = next(c for c in ds.stats["channels"] if c["name"] == name)
+    return (np.asarray(value, dtype=np.float64) - entry["mean"]) / entry["std"]
+
+
+def chan(ds, sample, name):
+    return sample["image"][ds.input_channels.index(name)].numpy()
+
+
+def tile_clear(sample, d):
+    r, c = sample["metadata"]["row"], sample["metadata"]["col"]
+    return CLEAR[d, r:r + SIZE, c:c + SIZE]
+
+
+# ----------------------------------------------------------------------------------- basics
+
+def test_channel_names_and_shapes(tiles_dir):
+    ds = GapFillDataset(tiles_dir, "train", k_neighbours=2)
+    expected = ["B04@t", "B08@t", "valid@t"]
+    for tag in ("t-1", "t-2", "t+1", "t+2"):
+        expected += [f"B04@{tag}", f"B08@{tag}", f"valid@{tag}", f"dt@{tag}", f"present@{tag}"]
+    expected += ["VV@sar", "VH@sar", "dt@sar", "dem"]
+    assert ds.input_channels == expected
+    assert ds.target_channels == ["B04", "B08"]
+    s = ds[0]
+    assert s["image"].shape == (len(expected), SIZE, SIZE) and s["image"].dtype == torch.float32
+    assert s["mask"].shape == (1, SIZE, SIZE) and s["mask"].dtype == torch.float32
+    assert s["target"].shape == (2, SIZE, SIZE) and s["target"].dtype == torch.float32
+    assert s["target_valid"].shape == (1, SIZE, SIZE)
+    assert set(s["metadata"]) == {"tile", "row", "col", "t", "start_time", "masked_with"}
+    assert all(isinstance(v, (int, str)) for v in s["metadata"].values())
+    assert GapFillDataset(tiles_dir, k_neighbours=0).input_channels == \
+        ["B04@t", "B08@t", "valid@t", "VV@sar", "VH@sar", "dt@sar", "dem"]
+    spec = ds.input_spec()
+    assert spec["input_channels"] == expected and spec["dt_scale_days"] == DT_SCALE_DAYS
+
+
+def test_index_splits_and_min_target_valid(tiles_dir):
+    train = GapFillDataset(tiles_dir, "train")
+    val = GapFillDataset(tiles_dir, "val")
+    assert set(train.index["split"]) == {"train"} and set(val.index["split"]) == {"val"}
+    n_train, n_val = len(train.index), len(val.index)
+    assert n_train >= 1 and n_val >= 1
+    # every date but the fully cloudy one
+    assert len(train) == n_train * (T - 1) and len(val) == n_val * (T - 1)
+    ts = [train[i]["metadata"]["t"] for i in range(len(train))]
+    assert CLOUDY_DATE not in ts and sorted(set(ts)) == [d for d in range(T) if d != CLOUDY_DATE]
+    assert len(GapFillDataset(tiles_dir, "train", min_target_valid=0.0)) == n_train * T
+    assert len(GapFillDataset(tiles_dir, "train", min_target_valid=0.9)) == 0  # 7/8 clear
+
+
+def test_bad_arguments(tiles_dir, tmp_path):
+    with pytest.raises(ValueError, match="split"):
+        GapFillDataset(tiles_dir, "test")
+    with pytest.raises(ValueError, match="k_neighbours"):
+        GapFillDataset(tiles_dir, k_neighbours=-1)
+    with pytest.raises(ValueError, match="extra_mask_fraction"):
+        GapFillDataset(tiles_dir, extra_mask_fraction=2)
+    with pytest.raises(FileNotFoundError):
+        GapFillDataset(tmp_path)
+    ds = GapFillDataset(tiles_dir)
+    with pytest.raises(IndexError):
+        ds[len(ds)]
+
+
+# ---------------------------------------------------------------------------------- content
+
+def test_neighbour_order_and_zeroing(tiles_dir):
+    ds = GapFillDataset(tiles_dir, "train", k_neighbours=2, min_target_valid=0.0)
+    seen_absent = seen_present = 0
+    for i in range(len(ds)):
+        s = ds[i]
+        t = s["metadata"]["t"]
+        assert s["metadata"]["start_time"] == DATES[t]["start_time"]
+        for tag, d in (("t", t), ("t-1", t - 1), ("t-2", t - 2), ("t+1", t + 1), ("t+2", t + 2)):
+            b04, b08, valid = (chan(ds, s, f"{n}@{tag}") for n in ("B04", "B08", "valid"))
+            if not 0 <= d < T:
+                seen_absent += 1
+                for name in ("B04", "B08", "valid", "dt", "present"):
+                    assert not chan(ds, s, f"{name}@{tag}").any(), (i, tag, name)
+                continue
+            clear = tile_clear(s, d)
+            np.testing.assert_array_equal(valid, clear.astype(np.float32))
+            # date d landed here: its values where clear, 0 where not
+            np.testing.assert_allclose(b04[clear], norm(ds, "B04", band_value(0, d)), rtol=1e-5)
+            np.testing.assert_allclose(b08[clear], norm(ds, "B08", band_value(1, d)), rtol=1e-5)
+            assert not b04[~clear].any() and not b08[~clear].any()
+            if tag != "t":
+                seen_present += 1
+                np.testing.assert_allclose(chan(ds, s, f"dt@{tag}"),
+                                           (OFFSETS[d] - OFFSETS[t]) / DT_SCALE_DAYS, rtol=1e-6)
+                np.testing.assert_array_equal(chan(ds, s, f"present@{tag}"), 1.0)
+        # target and its validity
+        clear_t = tile_clear(s, t)
+        np.testing.assert_array_equal(s["target_valid"][0].numpy(), clear_t)
+        np.testing.assert_array_equal(s["mask"][0].numpy(), clear_t)
+        target = s["target"].numpy()
+        r, c = s["metadata"]["row"], s["metadata"]["col"]
+        finite = np.isfinite(CUBE[t, 0, r:r + SIZE, c:c + SIZE])
+        np.testing.assert_allclose(target[0][finite], norm(ds, "B04", t), rtol=1e-5)
+        assert (target[0][~finite] == 0).all()  # NaN -> 0
+        np.testing.assert_allclose(target[1], norm(ds, "B08", 10 + t), rtol=1e-5)
+    assert seen_absent > 0 and seen_present > 0
+
+
+def test_nan_pixel_is_not_clear(tiles_dir):
+    ds = GapFillDataset(tiles_dir, "train", min_target_valid=0.0)
+    d, r, c = NAN_PIXEL
+    for i in range(len(ds)):
+        s = ds[i]
+        m = s["metadata"]
+        if m["t"] == d and m["row"] <= r < m["row"] + SIZE and m["col"] <= c < m["col"] + SIZE:
+            assert s["target_valid"][0, r - m["row"], c - m["col"]] == 0
+            assert chan(ds, s, "B04@t")[r - m["row"], c - m["col"]] == 0
+            return
+    pytest.skip("the NaN pixel's tile is not in the train split")
+
+
+def test_sar_and_static_channels(tiles_dir):
+    ds = GapFillDataset(tiles_dir, "train", min_target_valid=0.0)
+    for i in range(len(ds)):
+        s = ds[i]
+        t, r = s["metadata"]["t"], s["metadata"]["row"]
+        vv, vh, dt = chan(ds, s, "VV@sar"), chan(ds, s, "VH@sar"), chan(ds, s, "dt@sar")
+        if t == NO_SAR_DATE:
+            assert not vv.any() and not vh.any() and not dt.any()
+        else:
+            np.testing.assert_allclose(vv, norm(ds, "VV", 100 + t), rtol=1e-5)
+            np.testing.assert_allclose(vh, norm(ds, "VH", 200 + t), rtol=1e-5)
+            np.testing.assert_allclose(dt, DATES[t]["sar_gap_days"] / DT_SCALE_DAYS, rtol=1e-6)
+        dem = np.arange(r, r + SIZE, dtype=np.float64)[:, None] * np.ones((1, SIZE))
+        np.testing.assert_allclose(chan(ds, s, "dem"), norm(ds, "dem", dem), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------ artificial masking
+
+def test_artificial_masking_hides_pixels(tiles_dir):
+    ds = GapFillDataset(tiles_dir, "train", extra_mask_fraction=1.0, extra_mask_seed=11)
+    hidden_total = 0
+    others = set()
+    for i in range(len(ds)):
+        s = ds[i]
+        t, other = s["metadata"]["t"], s["metadata"]["masked_with"]
+        assert 0 <= other < T and other != t
+        others.add(other)
+        clear_t, clear_o = tile_clear(s, t), tile_clear(s, other)
+        mask = s["mask"][0].numpy().astype(bool)
+        np.testing.assert_array_equal(s["target_valid"][0].numpy(), clear_t)  # original
+        np.testing.assert_array_equal(mask, clear_t & clear_o)
+        np.testing.assert_array_equal(chan(ds, s, "valid@t"), mask)
+        assert not chan(ds, s, "B04@t")[~mask].any() and not chan(ds, s, "B08@t")[~mask].any()
+        np.testing.assert_allclose(chan(ds, s, "B04@t")[mask], norm(ds, "B04", t), rtol=1e-5)
+        hidden = clear_t & ~mask  # hidden but known: where the loss goes
+        hidden_total += hidden.sum()
+        # the neighbours are untouched
+        np.testing.assert_array_equal(chan(ds, s, "valid@t+1"),
+                                      tile_clear(s, t + 1) if t + 1 < T else 0.0)
+    assert hidden_total > 0 and len(others) > 2
+
+
+def test_artificial_masking_deterministic(tiles_dir):
+    a = GapFillDataset(tiles_dir, extra_mask_fraction=0.5, extra_mask_seed=3)
+    b = GapFillDataset(tiles_dir, extra_mask_fraction=0.5, extra_mask_seed=3)
+    c = GapFillDataset(tiles_dir, extra_mask_fraction=0.5, extra_mask_seed=4)
+    ma = [a[i]["metadata"]["masked_with"] for i in range(len(a))]
+    assert ma == [b[i]["metadata"]["masked_with"] for i in range(len(b))]
+    assert ma == [a[i]["metadata"]["masked_with"] for i in range(len(a))]  # again, same object
+    assert ma != [c[i]["metadata"]["masked_with"] for i in range(len(c))]
+    assert any(m == -1 for m in ma) and any(m >= 0 for m in ma)  # about half are masked
+    for i in range(len(a)):
+        assert torch.equal(a[i]["mask"], b[i]["mask"])
+        assert torch.equal(a[i]["image"], b[i]["image"])
+    plain = GapFillDataset(tiles_dir)
+    assert all(plain[i]["metadata"]["masked_with"] == -1 for i in range(len(plain)))
+
+
+# ------------------------------------------------------------------------------ DataLoader
+
+def _batches(ds, **kwargs):
+    return list(DataLoader(ds, batch_size=5, shuffle=False, **kwargs))
+
+
+def _assert_same(batches_a, batches_b):
+    assert len(batches_a) == len(batches_b)
+    for x, y in zip(batches_a, batches_b):
+        for key in ("image", "mask", "target", "target_valid"):
+            assert torch.equal(x[key], y[key]), key
+        assert x["metadata"]["start_time"] == y["metadata"]["start_time"]
+        for key in ("tile", "row", "col", "t", "masked_with"):
+            assert torch.equal(x["metadata"][key], y["metadata"][key]), key
+
+
+def test_default_collate(tiles_dir):
+    ds = GapFillDataset(tiles_dir)
+    batch = _batches(ds)[0]
+    assert batch["image"].shape == (5, ds.n_input_channels, SIZE, SIZE)
+    assert batch["metadata"]["t"].shape == (5,)
+    assert isinstance(batch["metadata"]["start_time"], list)
+
+
+def test_pickle_after_use(tiles_dir):
+    ds = GapFillDataset(tiles_dir, extra_mask_fraction=1.0, extra_mask_seed=0)
+    first = ds[1]
+    assert ds._array is not None
+    blob = pickle.dumps(ds)
+    assert len(blob) < 100_000  # the tile array is not in the pickle
+    clone = pickle.loads(blob)
+    assert clone._array is None
+    assert torch.equal(clone[1]["image"], first["image"])
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_dataloader_workers_match_single_process(tiles_dir, context):
+    ds = GapFillDataset(tiles_dir, extra_mask_fraction=0.5, extra_mask_seed=5)
+    reference = _batches(ds, num_workers=0)
+    ds[0]  # the memmap is open in this process: workers must still open their own
+    _assert_same(reference, _batches(ds, num_workers=2, multiprocessing_context=context))
