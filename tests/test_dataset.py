@@ -76,6 +76,10 @@ def tiles_dir(tmp_path_factory):
     return out
 
 
+def close(actual, desired):
+    np.testing.assert_allclose(actual, desired, rtol=1e-5, atol=1e-5)
+
+
 def norm(ds, name, value):
     entry = next(c for c in ds.stats["channels"] if c["name"] == name)
     return (np.asarray(value, dtype=np.float64) - entry["mean"]) / entry["std"]
@@ -160,13 +164,12 @@ def test_neighbour_order_and_zeroing(tiles_dir):
             clear = tile_clear(s, d)
             np.testing.assert_array_equal(valid, clear.astype(np.float32))
             # date d landed here: its values where clear, 0 where not
-            np.testing.assert_allclose(b04[clear], norm(ds, "B04", band_value(0, d)), rtol=1e-5)
-            np.testing.assert_allclose(b08[clear], norm(ds, "B08", band_value(1, d)), rtol=1e-5)
+            close(b04[clear], norm(ds, "B04", band_value(0, d)))
+            close(b08[clear], norm(ds, "B08", band_value(1, d)))
             assert not b04[~clear].any() and not b08[~clear].any()
             if tag != "t":
                 seen_present += 1
-                np.testing.assert_allclose(chan(ds, s, f"dt@{tag}"),
-                                           (OFFSETS[d] - OFFSETS[t]) / DT_SCALE_DAYS, rtol=1e-6)
+                close(chan(ds, s, f"dt@{tag}"), (OFFSETS[d] - OFFSETS[t]) / DT_SCALE_DAYS)
                 np.testing.assert_array_equal(chan(ds, s, f"present@{tag}"), 1.0)
         # target and its validity
         clear_t = tile_clear(s, t)
@@ -175,9 +178,9 @@ def test_neighbour_order_and_zeroing(tiles_dir):
         target = s["target"].numpy()
         r, c = s["metadata"]["row"], s["metadata"]["col"]
         finite = np.isfinite(CUBE[t, 0, r:r + SIZE, c:c + SIZE])
-        np.testing.assert_allclose(target[0][finite], norm(ds, "B04", t), rtol=1e-5)
+        close(target[0][finite], norm(ds, "B04", t))
         assert (target[0][~finite] == 0).all()  # NaN -> 0
-        np.testing.assert_allclose(target[1], norm(ds, "B08", 10 + t), rtol=1e-5)
+        close(target[1], norm(ds, "B08", 10 + t))
     assert seen_absent > 0 and seen_present > 0
 
 
@@ -203,11 +206,11 @@ def test_sar_and_static_channels(tiles_dir):
         if t == NO_SAR_DATE:
             assert not vv.any() and not vh.any() and not dt.any()
         else:
-            np.testing.assert_allclose(vv, norm(ds, "VV", 100 + t), rtol=1e-5)
-            np.testing.assert_allclose(vh, norm(ds, "VH", 200 + t), rtol=1e-5)
-            np.testing.assert_allclose(dt, DATES[t]["sar_gap_days"] / DT_SCALE_DAYS, rtol=1e-6)
+            close(vv, norm(ds, "VV", 100 + t))
+            close(vh, norm(ds, "VH", 200 + t))
+            close(dt, DATES[t]["sar_gap_days"] / DT_SCALE_DAYS)
         dem = np.arange(r, r + SIZE, dtype=np.float64)[:, None] * np.ones((1, SIZE))
-        np.testing.assert_allclose(chan(ds, s, "dem"), norm(ds, "dem", dem), rtol=1e-5, atol=1e-6)
+        close(chan(ds, s, "dem"), norm(ds, "dem", dem))
 
 
 # ------------------------------------------------------------------------ artificial masking
@@ -227,7 +230,7 @@ def test_artificial_masking_hides_pixels(tiles_dir):
         np.testing.assert_array_equal(mask, clear_t & clear_o)
         np.testing.assert_array_equal(chan(ds, s, "valid@t"), mask)
         assert not chan(ds, s, "B04@t")[~mask].any() and not chan(ds, s, "B08@t")[~mask].any()
-        np.testing.assert_allclose(chan(ds, s, "B04@t")[mask], norm(ds, "B04", t), rtol=1e-5)
+        close(chan(ds, s, "B04@t")[mask], norm(ds, "B04", t))
         hidden = clear_t & ~mask  # hidden but known: where the loss goes
         hidden_total += hidden.sum()
         # the neighbours are untouched

@@ -5,57 +5,67 @@ on the fly, nearest neighbour, exactly as GRASS modules do)::
 
     read_map(name)          -> (H, W) float32, nulls -> NaN
     read_maps(names)        -> (N, H, W) float32
-    read_stack(names)       -> (T, C, H, W) float32 from a T x C nested list
+    read_stack(names)       -> (T, C, H, W) float32 from a T x C nested list (dates x bands)
     write_map(array, name, *, overwrite=False, title=None, history=None)   # (H, W) -> FCELL map
     region_shape()          -> (rows, cols)
 
 Names may be fully qualified (``name@mapset``). CELL, FCELL and DCELL maps are all returned as float32.
-A map that does not exist raises `stfuse.grass.GrassError` naming it.
+A map that does not exist raises `stfuse.grass.GrassError` naming it. Every function also takes
+``env=`` (an environment such as ``grass.script.region_env`` builds, default ``os.environ``) and the
+readers ``workers=`` (most helper processes to use).
 
 How, and why this way
 ---------------------
-The decoding is done by GRASS's own raster library (``Rast_open_old`` + ``Rast_get_f_row``, which
-applies the region resampling, converts CELL/DCELL to float and writes nulls as the FCELL null
-pattern, an all-ones NaN) called through ctypes -- but in short-lived *helper processes*
-(``python -I -S`` running `_HELPER`, which imports nothing but ctypes), never in this process:
+Cells are decoded by GRASS's own raster library: ``Rast_open_old`` + ``Rast_get_f_row``, which
+applies the region (nearest-neighbour resampling), converts CELL/DCELL to float and writes nulls as
+the FCELL null pattern -- all bits set, a NaN -- straight into the output buffer; called through
+ctypes, but never in this process. Each call runs in *helper processes forked from a small server*
+(`_SERVER`, ``python -I -S`` importing nothing but ctypes and socket), started on first use:
 
-* GRASS library errors call ``G_fatal_error``, which ends the process with ``exit()``: a corrupt
-  file or a reclass of a vanished map must fail one call with a `GrassError`, not kill a Snakemake
-  job's Python or a notebook kernel. In a helper it ends the helper; the parent reports its stderr.
-* The GRASS library caches the gisrc (project/mapset), the region and the mapset search path at its
-  first use. A helper started per call inherits *the current* ``os.environ`` (``GISRC``,
-  ``WIND_OVERRIDE`` from ``grass.script.use_temp_region``, ``GRASS_REGION``), so every call sees the
-  session and region exactly as a GRASS module started at that moment would.
-* The helpers run in parallel: the rows of all requested maps (flattened to ``N * H`` rows) are
-  split into one contiguous band per helper, so each helper fills one contiguous byte range of the
+* GRASS library errors call ``G_fatal_error``, which ends the process with ``exit()``. A corrupt
+  file, a reclass of a vanished map or a bad region must fail one call with a `GrassError`, not kill
+  a Snakemake job's Python or a notebook kernel: in a helper it ends the helper, and the parent
+  reports the helper's GRASS messages.
+* The GRASS library caches the gisrc (project, mapset), the region and the mapset search path at its
+  first use. Each helper starts from a library that was loaded but never initialised (the server
+  only ``dlopen``\\ s it) and gets the caller's environment (``GISRC``, ``WIND_OVERRIDE`` from
+  ``grass.script.use_temp_region``, ``GRASS_REGION``), so every call sees the session and region as a
+  GRASS module started at that moment would.
+* Forking is what makes helpers cheap: ``libgrass_raster`` pulls in GDAL and ~115 shared libraries,
+  which costs ~45 ms per fresh process here (like every GRASS module's start-up: ``g.region -g``
+  ~40 ms); a fork of the server, which loaded them once, ~2 ms.
+* Helpers run in parallel: the rows of all requested maps (flattened to ``N * H`` rows) are split
+  into one contiguous band per helper, so each helper fills one contiguous byte range of the
   preallocated output, streamed through its stdout pipe straight into the numpy buffer
-  (``readinto``, no intermediate copies besides the pipe). Random row access is cheap in GRASS's
-  row-compressed format, so a single large map is split across cores too.
-* Many small maps cost one process start per helper, not per map (~ms per 64 x 64 map: a
-  ``Rast_open_old`` / ``Rast_close`` pair); `r.out.bin` would need one process per map.
+  (``readinto``; no temporary file, the only copy is the pipe's). Random row access is cheap in
+  GRASS's row-compressed format, so a single large map is split across cores too; many small maps
+  cost one fork per helper, not one process per map.
 
-Measured on the 2-core development machine (benchmarks/bench_reader.py, 4000 x 4000 FCELL, 64 MB):
-``r.out.bin output=/dev/null`` ~250-290 MB/s (its own decode plus format conversion and fwrite),
-``r.out.bin output=-`` into a numpy buffer through a pipe ~150-210 MB/s, one in-process ctypes
-``Rast_get_f_row`` loop ~350 MB/s, and this module (two helpers) well above that; see the benchmark
-for current numbers. ``grass.script.array`` (r.out.bin to a temporary file, then np.fromfile) and
-pygrass' RasterRow (one numpy row object per row) are slower still.
+Alternatives measured on the 2-core development machine (4000 x 4000 FCELL, 64 MB; see
+benchmarks/bench_reader.py): ``r.out.bin output=/dev/null`` ~250-290 MB/s (GRASS's decode plus
+format conversion and fwrite), ``r.out.bin output=-`` through a pipe into a numpy buffer ~150-210
+MB/s (and ~40 ms of process start-up per map, one process per map), ``grass.script.array`` (r.out.bin
+into a temporary file) ~180 MB/s, pygrass RasterRow ~150 MB/s; an in-process ctypes loop ~350 MB/s
+on one core, but with the exit()-on-error and stale-state problems above. The machine is shared, so
+single numbers vary by +-30 %; the benchmark times all methods interleaved in one run.
 
-Writing uses the same helper: it reads the array from its stdin and writes it with ``Rast_open_new``
-(FCELL) / ``Rast_put_f_row`` in the current region; NaN becomes null. Title and history are set after
-``Rast_close`` through ``Rast_put_cell_title`` / ``Rast_write_history``. A write that breaks off
-(parent killed, short input) calls ``Rast_unopen``: no half-written map is left behind.
+Writing uses a helper as well: it reads the array from its stdin and writes it with ``Rast_open_new``
+(FCELL) / ``Rast_put_f_row`` in the current region, NaN as null; title and history are set after
+``Rast_close`` (``Rast_put_cell_title``, ``Rast_write_history``). A write that breaks off (parent
+interrupted, short input) calls ``Rast_unopen``: no half-written map is left behind. Overwriting
+behaves like a GRASS module's ``--overwrite`` (same library calls).
 """
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 import functools
 import json
 import logging
-import math
 import os
 import re
+import socket
 import struct
 import subprocess
 import sys
@@ -72,50 +82,59 @@ log = logging.getLogger("stfuse.grassio")
 
 __all__ = ["read_map", "read_maps", "read_stack", "write_map", "region_shape"]
 
-_HEADER = struct.Struct("<qq")  # (status or rows, byte count or cols)
+_HEADER = struct.Struct("<qq")  # a record: (status, byte count) or the region's (rows, cols)
 _OK, _MISSING, _FAILED = 0, 1, 2
-_FCELL_NULL = np.uint32(0xFFFFFFFF)  # GRASS's FCELL null: all bits set (a NaN)
-# Work below which a second helper costs more than it saves (its start-up is ~15-30 ms).
-_SPLIT_SECONDS = 0.06
+_FCELL_NULL = np.uint32(0xFFFFFFFF)  # GRASS's FCELL null pattern: all bits set (a NaN)
+# Parallel split: one more helper per this much estimated work (a fork + gisinit costs ~2-5 ms).
+_SPLIT_SECONDS = 0.02
 _EST_BYTES_PER_S = 350e6  # Rast_get_f_row decode rate of one helper, FCELL
 _EST_OPEN_S = 0.0003  # Rast_open_old + Rast_close of one map
 _MAX_WORKERS = 8
 
-# The helper: runs as `python -I -S -c _HELPER MODE LIBGIS LIBRASTER VERSION` with the session's
-# environment. It reports the region shape first, then reads its whole request from stdin before
-# writing anything else, so the parent can never deadlock on two full pipes.
-_HELPER = r'''
-import ctypes, os, struct, sys
+# The server: `python -I -S -c _SERVER SOCKET_FD LIBGIS LIBRASTER VERSION`. It dlopens the GRASS
+# libraries once and forks one helper per job request; a request is one SOCK_SEQPACKET message
+# (JSON: mode and environment) carrying three file descriptors (the helper's stdin, stdout, stderr).
+# A helper first reports the region shape, then reads its whole request from stdin before writing
+# anything else, so the parent can never deadlock on two full pipes. The server ends when the
+# parent's end of the socket closes (the parent exited or called _shutdown_servers).
+_SERVER = r'''
+import ctypes, json, os, signal, socket, struct, sys
 
 HDR = struct.Struct("<qq")
 c_int, c_char_p, c_void_p = ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p
 
 
-def put(data):
+def put(fd, data):
     view = memoryview(data).cast("B")
     while view:
-        view = view[os.write(1, view):]
+        view = view[os.write(fd, view):]
 
 
-def fail(status, message):
+def fail(fd, status, message):
     data = message.encode("utf-8", "replace")
-    put(HDR.pack(status, len(data)) + data)
+    put(fd, HDR.pack(status, len(data)) + data)
 
 
-def read_exact(view):
+def read_exact(fd, view):
     got = 0
     while got < len(view):
-        n = sys.stdin.buffer.readinto(view[got:])
+        n = os.readv(fd, [view[got:]])
         if not n:
-            return got
+            break
         got += n
     return got
 
 
-def main():
-    mode, libgis, libraster, version = sys.argv[1:5]
-    gis = ctypes.CDLL(libgis)
-    ras = ctypes.CDLL(libraster)
+def read_all(fd):
+    parts = []
+    while True:
+        part = os.read(fd, 1 << 16)
+        if not part:
+            return b"".join(parts)
+        parts.append(part)
+
+
+def declare(gis, ras):
     gis.G__gisinit.argtypes = [c_char_p, c_char_p]
     gis.G_find_raster2.argtypes = [c_char_p, c_char_p]
     gis.G_find_raster2.restype = c_char_p
@@ -132,9 +151,11 @@ def main():
     ras.Rast_set_history.argtypes = [c_void_p, c_int, c_char_p]
     ras.Rast_free_history.argtypes = [c_void_p]
 
-    gis.G__gisinit(version.encode(), b"stfuse.grassio")
+
+def job(gis, ras, version, mode, inp, out):
+    gis.G__gisinit(version, b"stfuse.grassio")
     rows, cols = ras.Rast_window_rows(), ras.Rast_window_cols()
-    put(HDR.pack(rows, cols))
+    put(out, HDR.pack(rows, cols))
     if mode == "shape":
         return
     rowbytes = 4 * cols
@@ -144,45 +165,47 @@ def main():
 
     if mode == "read":
         get_row = ras.Rast_get_f_row
-        for line in sys.stdin.buffer.read().splitlines():
+        for line in read_all(inp).splitlines():
             name, mapset, r0, r1 = line.split(b"\t")
             found = gis.G_find_raster2(name, mapset)
             if not found:
-                return fail(1, "")
+                return fail(out, 1, "")
             fd = ras.Rast_open_old(name, found)
             r, r1 = int(r0), int(r1)
-            put(HDR.pack(0, (r1 - r) * rowbytes))
+            put(out, HDR.pack(0, (r1 - r) * rowbytes))
             while r < r1:
                 n = min(chunk, r1 - r)
                 for i in range(n):
                     get_row(fd, base + i * rowbytes, r + i)
-                put(memoryview(buf)[: n * rowbytes])
+                put(out, memoryview(buf)[: n * rowbytes])
                 r += n
             ras.Rast_close(fd)
         return
 
     # mode == "write": a length-prefixed JSON header, an answer, then rows x cols float32 values.
-    import json
-
-    (size,) = struct.unpack("<q", sys.stdin.buffer.read(8))
-    req = json.loads(sys.stdin.buffer.read(size))
+    head = bytearray(8)
+    read_exact(inp, memoryview(head))
+    req = bytearray(struct.unpack("<q", head)[0])
+    read_exact(inp, memoryview(req))
+    req = json.loads(req)
     name = req["name"].encode()
     mapset = gis.G_mapset()
     if req["mapset"] and req["mapset"].encode() != mapset:
-        return fail(2, "can only write raster maps to the current mapset <%s>" % mapset.decode())
+        return fail(out, 2, "cannot write <%s@%s>: raster maps can only be written to the current "
+                    "mapset <%s>" % (req["name"], req["mapset"], mapset.decode()))
     if gis.G_legal_filename(name) < 0:
-        return fail(2, "<%s> is not a legal raster map name" % req["name"])
+        return fail(out, 2, "<%s> is not a legal raster map name" % req["name"])
     if not req["overwrite"] and gis.G_find_raster2(name, mapset):
-        return fail(2, "raster map <%s> exists in mapset <%s> (use overwrite=True)"
+        return fail(out, 2, "raster map <%s> exists in mapset <%s> (use overwrite=True)"
                     % (req["name"], mapset.decode()))
-    put(HDR.pack(0, 0))
+    put(out, HDR.pack(0, 0))
     fd = ras.Rast_open_new(name, 1)  # FCELL_TYPE
     done = 0
     while done < rows:
         n = min(chunk, rows - done)
-        if read_exact(memoryview(buf)[: n * rowbytes]) != n * rowbytes:
+        if read_exact(inp, memoryview(buf)[: n * rowbytes]) != n * rowbytes:
             ras.Rast_unopen(fd)
-            sys.exit("stfuse.grassio: input ended before all rows were written")
+            raise SystemExit("stfuse.grassio: input ended before all rows were written")
         for i in range(n):
             ras.Rast_put_f_row(fd, base + i * rowbytes)
         done += n
@@ -191,14 +214,65 @@ def main():
         ras.Rast_put_cell_title(name, req["title"].encode())
     hist = ctypes.create_string_buffer(4096)  # struct History (~80 bytes), treated as opaque
     ras.Rast_read_history(name, mapset, hist)
-    ras.Rast_set_history(hist, 7, req["description"].encode())  # HIST_KEYWRD: r.info's description
+    ras.Rast_set_history(hist, 7, req["description"].encode())  # HIST_KEYWRD, r.info's description
     if req["title"] is not None:
         ras.Rast_set_history(hist, 1, req["title"].encode())  # HIST_TITLE
     for text in (req["history"] or "").splitlines():
         ras.Rast_append_history(hist, text.encode())
     ras.Rast_write_history(name, hist)
     ras.Rast_free_history(hist)
-    put(HDR.pack(0, 0))
+    put(out, HDR.pack(0, 0))
+
+
+def child(sock, gis, ras, version, request, fds):
+    code = 1
+    try:
+        sock.close()
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        inp, out, err = fds
+        os.dup2(err, 2)  # GRASS messages
+        os.dup2(err, 1)  # stray prints must not get into the data stream
+        os.environ.clear()
+        os.environ.update(request["env"])
+        job(gis, ras, version, request["mode"], inp, out)
+        code = 0
+    except SystemExit as exc:
+        if exc.code not in (None, 0):
+            os.write(2, (str(exc.code) + "\n").encode())
+        else:
+            code = 0
+    except BaseException:
+        import traceback
+        os.write(2, traceback.format_exc().encode())
+    finally:
+        os._exit(code)
+
+
+def main():
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    gis, ras = ctypes.CDLL(sys.argv[2]), ctypes.CDLL(sys.argv[3])
+    version = sys.argv[4].encode()
+    declare(gis, ras)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # helpers are reaped by the kernel
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business
+    os.write(sock.fileno(), b"ready")
+    while True:
+        try:
+            msg, fds, _, _ = socket.recv_fds(sock, 1 << 20, 3)
+        except OSError:
+            break
+        if not msg:
+            break
+        try:
+            request = json.loads(msg)
+            if os.fork() == 0:
+                child(sock, gis, ras, version, request, fds)
+        except Exception as exc:  # cannot fork: tell the caller through the helper's stderr
+            if len(fds) == 3:
+                os.write(fds[2], ("stfuse.grassio server: %r\n" % exc).encode())
+        finally:
+            for fd in fds:
+                os.close(fd)
 
 
 main()
@@ -231,6 +305,66 @@ def _grass_libs(gisbase: str) -> tuple[str, str, str]:
     return lib("libgrass_gis"), lib("libgrass_raster"), version
 
 
+class _Server:
+    """The fork server of one GRASS installation, owned by one process."""
+
+    def __init__(self, gisbase: str):
+        libgis, libraster, version = _grass_libs(gisbase)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", _SERVER, str(theirs.fileno()), libgis, libraster, version],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, pass_fds=[theirs.fileno()],
+                start_new_session=True,  # Ctrl-C in a terminal reaches the parent only
+            )
+        finally:
+            theirs.close()
+        self.sock = ours
+        self.pid = os.getpid()
+        if ours.recv(16) != b"ready":
+            code = self.proc.wait()
+            raise GrassError(f"GRASS raster helper server could not start (exit status {code})")
+
+    def alive(self) -> bool:
+        return self.pid == os.getpid() and self.proc.poll() is None
+
+    def submit(self, request: bytes, fds: list[int]) -> None:
+        socket.send_fds(self.sock, [request], fds)
+
+    def close(self) -> None:
+        self.sock.close()
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+_servers: dict[str, _Server] = {}
+_servers_lock = threading.Lock()
+
+
+def _server(gisbase: str, *, fresh: bool = False) -> _Server:
+    with _servers_lock:
+        server = _servers.get(gisbase)
+        if server is not None and (fresh or not server.alive()):
+            if server.pid == os.getpid():
+                server.close()
+            server = None  # (one inherited through fork() belongs to the parent process)
+        if server is None:
+            server = _servers[gisbase] = _Server(gisbase)
+        return server
+
+
+@atexit.register
+def _shutdown_servers() -> None:
+    with _servers_lock:
+        for server in _servers.values():
+            if server.pid == os.getpid():
+                server.close()
+        _servers.clear()
+
+
 def _environment(env: Mapping[str, str] | None) -> dict[str, str]:
     env = dict(os.environ if env is None else env)
     if not env.get("GISBASE") or not env.get("GISRC"):
@@ -245,24 +379,46 @@ def _workers_available() -> int:
         return os.cpu_count() or 1
 
 
+def _set_pipe_size(fd: int, size: int) -> None:
+    """Enlarge a pipe (Linux): fewer, larger reads. Failing is harmless."""
+    try:
+        fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), size)
+    except OSError:
+        pass
+
+
 class _Helper:
-    """One helper process; `shape` is the region (rows, cols) it reported."""
+    """One helper process (forked by the server); `shape` is the region (rows, cols) it reported."""
 
     def __init__(self, mode: str, env: dict[str, str]):
-        libgis, libraster, version = _grass_libs(env["GISBASE"])
-        self.proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", "-c", _HELPER, mode, libgis, libraster, version],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0, env=env,
-        )
-        _set_pipe_size(self.proc.stdout, 1 << 20)
-        self._stderr: list[bytes] = []
+        request = json.dumps({"mode": mode, "env": env}).encode()
+        in_r, in_w = os.pipe()
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        _set_pipe_size(out_r, 1 << 20)
+        try:
+            try:
+                _server(env["GISBASE"]).submit(request, [in_r, out_w, err_w])
+            except OSError:  # the server died (killed?): once more with a new one
+                _server(env["GISBASE"], fresh=True).submit(request, [in_r, out_w, err_w])
+        except BaseException:
+            for fd in (in_w, out_r, err_r):
+                os.close(fd)
+            raise
+        finally:
+            for fd in (in_r, out_w, err_w):
+                os.close(fd)
+        self.stdin = open(in_w, "wb", buffering=0)
+        self.stdout = open(out_r, "rb", buffering=0)
+        self.stderr = open(err_r, "rb", buffering=0)
+        self._messages: list[bytes] = []
         self._drain = threading.Thread(target=self._read_stderr, daemon=True)
         self._drain.start()
         self.shape: tuple[int, int] | None = None
 
     def _read_stderr(self) -> None:
-        for chunk in iter(lambda: self.proc.stderr.read(65536), b""):
-            self._stderr.append(chunk)
+        for chunk in iter(lambda: self.stderr.read(65536), b""):
+            self._messages.append(chunk)
 
     def start(self) -> tuple[int, int]:
         """Wait for the helper's region report."""
@@ -280,7 +436,7 @@ class _Helper:
         return _HEADER.unpack(buf)
 
     def readinto(self, view: memoryview) -> int:
-        got, stdout = 0, self.proc.stdout
+        got, stdout = 0, self.stdout
         while got < len(view):
             n = stdout.readinto(view[got:])
             if not n:
@@ -295,40 +451,30 @@ class _Helper:
 
     def send(self, data, *, close: bool = False) -> None:
         try:
-            self.proc.stdin.write(data)
+            self.stdin.write(data)
             if close:
-                self.proc.stdin.close()
+                self.stdin.close()
         except BrokenPipeError:
-            pass  # the helper died; its exit status and stderr tell why
+            pass  # the helper ended; its messages tell why
 
     def error_text(self) -> str:
-        """Wait for the helper to end; its GRASS messages (stderr) and exit status."""
-        code = self.finish()
-        text = b"".join(self._stderr).decode("utf-8", "replace").strip()
-        return text or f"helper exited with status {code}"
+        """The helper's GRASS messages (stderr), once it has ended."""
+        self.finish()
+        text = b"".join(self._messages).decode("utf-8", "replace").strip()
+        return text or "the helper process ended unexpectedly"
 
-    def finish(self, kill: bool = False) -> int:
-        if kill and self.proc.poll() is None:
-            self.proc.kill()
-        for stream in (self.proc.stdin, self.proc.stdout):
+    def finish(self) -> None:
+        """Close our ends of the pipes (a helper still running then ends at its next read or write)."""
+        for stream in (self.stdin, self.stdout):
             try:
                 stream.close()
-            except (OSError, ValueError):
+            except OSError:
                 pass
-        code = self.proc.wait()
-        self._drain.join()
-        self.proc.stderr.close()
-        if self._stderr and not kill:
-            log.debug("GRASS raster helper: %s", b"".join(self._stderr).decode("utf-8", "replace").strip())
-        return code
-
-
-def _set_pipe_size(stream, size: int) -> None:
-    """Enlarge a pipe (Linux): fewer, larger reads. Failing is harmless."""
-    try:
-        fcntl.fcntl(stream.fileno(), getattr(fcntl, "F_SETPIPE_SZ", 1031), size)
-    except OSError:
-        pass
+        self._drain.join(timeout=10)
+        if not self.stderr.closed and not self._drain.is_alive():
+            self.stderr.close()
+            if self._messages:
+                log.debug("GRASS raster helper: %s", b"".join(self._messages).decode("utf-8", "replace").strip())
 
 
 def _check_name(name) -> tuple[str, str]:
@@ -356,12 +502,14 @@ def read_map(name: str, *, env: Mapping[str, str] | None = None, workers: int | 
 
 def read_stack(names: Sequence[Sequence[str]], *, env: Mapping[str, str] | None = None,
                workers: int | None = None) -> np.ndarray:
-    """A T x C nested list of map names (dates x bands) as a (T, C, H, W) float32 array."""
-    names = [list(row) for row in names]
-    if len({len(row) for row in names}) > 1:
-        raise ValueError(f"read_stack needs a rectangular T x C list; row lengths {[len(r) for r in names]}")
-    t, c = len(names), (len(names[0]) if names else 0)
-    flat = read_maps([n for row in names for n in row], env=env, workers=workers)
+    """A T x C nested list of map names (e.g. dates x bands) as a (T, C, H, W) float32 array."""
+    if isinstance(names, str) or any(isinstance(row, str) for row in names):
+        raise TypeError("read_stack needs a nested list of map names (T x C)")
+    rows = [list(row) for row in names]
+    if len({len(row) for row in rows}) > 1:
+        raise ValueError(f"read_stack needs a rectangular T x C list; row lengths {[len(r) for r in rows]}")
+    t, c = len(rows), (len(rows[0]) if rows else 0)
+    flat = read_maps([n for row in rows for n in row], env=env, workers=workers)
     return flat.reshape(t, c, *flat.shape[1:])
 
 
@@ -369,47 +517,43 @@ def read_maps(names: Sequence[str], *, env: Mapping[str, str] | None = None,
               workers: int | None = None) -> np.ndarray:
     """Raster maps in the current region as an (N, H, W) float32 array, nulls as NaN.
 
-    `workers` caps the helper processes (default: the CPUs this process may use, at most 8; fewer when
-    the work is too small to pay for their start-up).
+    `workers` caps the helper processes (default: the CPUs this process may use, at most 8, fewer
+    when the work is too small to pay for them).
     """
+    if isinstance(names, str):
+        raise TypeError("read_maps needs a list of map names; use read_map for one")
     names = list(names)
     parsed = [_check_name(n) for n in names]
     env = _environment(env)
-    started = time.perf_counter()
     first = _Helper("read", env)
     helpers = [first]
-    ok = False
     try:
         rows, cols = first.start()
-        startup = time.perf_counter() - started
         out = np.empty((len(names), rows, cols), dtype=np.float32)
         if out.size == 0:
+            first.send(b"", close=True)
             return out
         rowbytes = 4 * cols
         total_rows = len(names) * rows
         if workers is None:
             work = out.nbytes / _EST_BYTES_PER_S + len(names) * _EST_OPEN_S
-            workers = min(_workers_available(), _MAX_WORKERS, max(1, int(work / _SPLIT_SECONDS) + 1))
+            workers = min(_workers_available(), _MAX_WORKERS, 1 + int(work / _SPLIT_SECONDS))
         workers = max(1, min(int(workers), total_rows))
         helpers += [_Helper("read", env) for _ in range(workers - 1)]
-        # The first helper is running already: give it the rows the others decode while starting.
-        head_start = min(total_rows // workers, int(startup * _EST_BYTES_PER_S / rowbytes))
-        bounds = _split(total_rows, workers, head_start)
         plans = []
-        for helper, (a, b) in zip(helpers, zip(bounds[:-1], bounds[1:])):
-            items = []  # (map index, first row, end row) covering flattened rows a..b
+        for k, helper in enumerate(helpers):
+            a, b = total_rows * k // workers, total_rows * (k + 1) // workers
+            items = []  # (map index, first row, end row), covering flattened rows a..b in order
             while a < b:
                 i, r0 = divmod(a, rows)
                 r1 = min(rows, r0 + (b - a))
                 items.append((i, r0, r1))
                 a += r1 - r0
+            if helper.start() != (rows, cols):
+                raise GrassError(f"the region changed while reading: {(rows, cols)} -> {helper.shape}")
             request = "".join(f"{parsed[i][0]}\t{parsed[i][1]}\t{r0}\t{r1}\n" for i, r0, r1 in items)
-            plans.append((helper, items))
-            if helper is not first:
-                helper.start()
-                if helper.shape != (rows, cols):
-                    raise GrassError(f"region changed while reading ({(rows, cols)} -> {helper.shape})")
             helper.send(request.encode(), close=True)
+            plans.append((helper, items))
         view = memoryview(out.reshape(-1).view(np.uint8))
         errors: list[BaseException] = []
 
@@ -425,8 +569,8 @@ def read_maps(names: Sequence[str], *, env: Mapping[str, str] | None = None,
                     if status != _OK:
                         raise GrassError(f"reading raster map <{names[i]}> failed: {helper.read_message(size)}")
                     start = (i * rows + r0) * rowbytes
-                    expect = (r1 - r0) * rowbytes
-                    if size != expect or helper.readinto(view[start:start + expect]) != expect:
+                    size_expected = (r1 - r0) * rowbytes
+                    if size != size_expected or helper.readinto(view[start:start + size]) != size:
                         raise GrassError(f"reading raster map <{names[i]}> failed: {helper.error_text()}")
             except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
                 errors.append(exc)
@@ -438,29 +582,21 @@ def read_maps(names: Sequence[str], *, env: Mapping[str, str] | None = None,
         for thread in threads:
             thread.join()
         if errors:
-            # A missing map is the most useful message; otherwise the first failure.
-            missing = [e for e in errors if "not found" in str(e)]
+            # A missing map is the most useful message (the order of maps decides which one).
+            missing = [e for e in errors if str(e).endswith("not found")]
             raise (missing or errors)[0]
-        ok = True
         return out
     finally:
         for helper in helpers:
-            helper.finish(kill=not ok)
-
-
-def _split(total: int, parts: int, head_start: int) -> list[int]:
-    """Boundaries of `parts` contiguous chunks of range(total), the first `head_start` longer."""
-    rest = total - head_start
-    bounds = [0] + [head_start + rest * k // parts for k in range(1, parts)] + [total]
-    return bounds
+            helper.finish()
 
 
 def write_map(array: np.ndarray, name: str, *, overwrite: bool = False, title: str | None = None,
               history: str | None = None, env: Mapping[str, str] | None = None) -> None:
     """Write an (H, W) array as FCELL raster map `name` in the current mapset and region; NaN -> null.
 
-    The shape must equal the region's (rows, cols). `title` is the map title, `history` lines are
-    appended to the map's history (r.info -h).
+    The shape must equal the region's (rows, cols). `title` is the map's title, the lines of `history`
+    are appended to its history (r.info -h).
     """
     array = np.asarray(array)
     if array.dtype.kind not in "biuf":
@@ -468,7 +604,6 @@ def write_map(array: np.ndarray, name: str, *, overwrite: bool = False, title: s
     base, mapset = _check_name(name)
     env = _environment(env)
     helper = _Helper("write", env)
-    ok = False
     try:
         shape = helper.start()
         if array.shape != shape:
@@ -492,6 +627,5 @@ def write_map(array: np.ndarray, name: str, *, overwrite: bool = False, title: s
         helper.send(memoryview(values.reshape(-1).view(np.uint8)), close=True)
         if helper.read_header() != (_OK, 0):
             raise GrassError(f"writing raster map <{name}> failed: {helper.error_text()}")
-        ok = True
     finally:
-        helper.finish(kill=not ok)
+        helper.finish()

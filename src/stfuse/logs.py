@@ -15,3 +15,12 @@ def setup(log_file: str | None = None, level: int = logging.INFO) -> None:
         level=level, handlers=handlers, force=True,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    sys.excepthook = _log_uncaught
+
+
+def _log_uncaught(exc_type, exc, tb):
+    """The error that stops a rule goes into its log: the message first, the traceback after it."""
+    logger = logging.getLogger("stfuse")
+    logger.error("%s: %s", exc_type.__name__, exc)
+    logger.debug("traceback", exc_info=(exc_type, exc, tb))
+    sys.__excepthook__(exc_type, exc, tb)

@@ -233,7 +233,8 @@ def _check_channels(channels, n_channels: int) -> list[dict]:
         out.append(dict(ch, name=name))
     kinds = [ch["kind"] for ch in out]
     if kinds.count("valid") != 1:
-        raise ValueError(f"channels must hold exactly one 'valid' channel, got {kinds.count('valid')}")
+        raise ValueError("channels must hold exactly one 'valid' channel, "
+                         f"got {kinds.count('valid')}")
     if "optical" not in kinds:
         raise ValueError("channels must hold at least one 'optical' channel")
     return out
@@ -357,7 +358,8 @@ def export_tiles(cube, channels, dates, out_dir, *, size, overlap, min_valid_fra
         cube = cube.astype(np.float32)
     n_dates, n_channels, height, width = cube.shape
     if n_dates < 1 or n_channels < 1:
-        raise ValueError(f"cube must have at least one date and one channel, got shape {cube.shape}")
+        raise ValueError("cube must have at least one date and one channel, "
+                         f"got shape {cube.shape}")
     channels = _check_channels(channels, n_channels)
     dates = _check_dates(dates, n_dates)
     min_valid_fraction = _fraction_param(min_valid_fraction, "min_valid_fraction")
@@ -487,7 +489,10 @@ def export_tiles(cube, channels, dates, out_dir, *, size, overlap, min_valid_fra
 
 
 def load_tiles(out_dir):
-    """Read an export: ``(tiles memmap (read-only), index DataFrame, channels dict, stats dict)``."""
+    """Read an export: ``(tiles memmap (read-only), index DataFrame, channels, stats)``.
+
+    ``channels`` and ``stats`` are the parsed ``channels.json`` and ``stats.json`` dicts.
+    """
     out = Path(out_dir)
     for name in (TILES_FILE, INDEX_FILE, CHANNELS_FILE, STATS_FILE):
         if not (out / name).is_file():
