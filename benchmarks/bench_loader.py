@@ -11,9 +11,15 @@ temporary directory (size 64, overlap 16), then iterates one full epoch of
 * ``steady samples/s``: samples after the first batch / time after the first batch;
 * ``first batch s``: time to the first batch (worker start-up + first samples).
 
+The table is run twice by default: with torch's default intra-op thread count in the main
+process, and with ``torch.set_num_threads(1)`` there (DataLoader workers always use one
+thread). On small machines the default OpenMP pool in the main process competes with the
+loading work (collate runs in the main process) -- compare the two settings.
+
 Usage::
 
     python benchmarks/bench_loader.py [--json results.json] [--dates 40] [--size 256] [--runs 3]
+                                      [--main-threads default 1]
 """
 
 from __future__ import annotations
@@ -104,7 +110,11 @@ def main(argv=None) -> int:
     parser.add_argument("--extra-mask-fraction", type=float, default=0.5)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--main-threads", nargs="+", default=["default", "1"],
+                        help="torch intra-op threads in the main process: 'default' or a number")
     args = parser.parse_args(argv)
+    default_threads = torch.get_num_threads()
+    thread_settings = [default_threads if v == "default" else int(v) for v in args.main_threads]
 
     cube, channels, dates = synthetic_cube(args.dates, args.size, args.size)
     configs = [(w, None) if w == 0 else (w, ctx)
@@ -123,32 +133,38 @@ def main(argv=None) -> int:
               f"{summary['bytes_written'] / 1e6:.1f} MB in {export_s:.2f} s; "
               f"{len(ds)} train samples/epoch, {ds.n_input_channels} input channels",
               file=sys.stderr)
-        for workers, ctx in configs:
-            runs = [one_epoch(ds, workers, ctx, args.batch_size) for _ in range(args.runs)]
-            row = {"num_workers": workers, "start_method": ctx or "-", "samples": runs[0]["samples"]}
-            for key in ("epoch_sps", "steady_sps", "first_batch_s", "seconds"):
-                row[key] = statistics.median(r[key] for r in runs)
-            results.append(row)
-            print(f"  workers={workers} {ctx or '-'}: {row['epoch_sps']:.0f} samples/s",
-                  file=sys.stderr)
+        for threads in thread_settings:
+            torch.set_num_threads(threads)
+            for workers, ctx in configs:
+                runs = [one_epoch(ds, workers, ctx, args.batch_size) for _ in range(args.runs)]
+                row = {"main_threads": threads, "num_workers": workers,
+                       "start_method": ctx or "-", "samples": runs[0]["samples"]}
+                for key in ("epoch_sps", "steady_sps", "first_batch_s", "seconds"):
+                    row[key] = statistics.median(r[key] for r in runs)
+                row["epoch_sps_runs"] = [r["epoch_sps"] for r in runs]
+                results.append(row)
+                print(f"  main threads={threads} workers={workers} {ctx or '-'}: "
+                      f"{row['epoch_sps']:.0f} samples/s", file=sys.stderr)
+        torch.set_num_threads(default_threads)
 
     print(f"\nGapFillDataset + DataLoader(batch_size={args.batch_size}), "
           f"cube T={args.dates} C={cube.shape[1]} {args.size}x{args.size}, tiles "
           f"{args.tile}px overlap {args.overlap}, k={args.k}, "
           f"extra_mask_fraction={args.extra_mask_fraction}; median of {args.runs} epochs; "
           f"{os.cpu_count()} CPUs, Python {platform.python_version()}, torch {torch.__version__}\n")
-    print("| num_workers | start method | samples/epoch | epoch samples/s | steady samples/s "
-          "| first batch s |")
-    print("|---:|:---|---:|---:|---:|---:|")
+    print("| main torch threads | num_workers | start method | samples/epoch | epoch samples/s "
+          "| steady samples/s | first batch s |")
+    print("|---:|---:|:---|---:|---:|---:|---:|")
     for r in results:
-        print(f"| {r['num_workers']} | {r['start_method']} | {r['samples']} | "
-              f"{r['epoch_sps']:.0f} | {r['steady_sps']:.0f} | {r['first_batch_s']:.3f} |")
+        print(f"| {r['main_threads']} | {r['num_workers']} | {r['start_method']} | "
+              f"{r['samples']} | {r['epoch_sps']:.0f} | {r['steady_sps']:.0f} | "
+              f"{r['first_batch_s']:.3f} |")
     if args.json:
         payload = {"params": vars(args), "cube_shape": list(cube.shape),
                    "export": {k: v for k, v in summary.items() if k != "files"},
                    "export_seconds": export_s, "cpus": os.cpu_count(),
                    "python": platform.python_version(), "torch": torch.__version__,
-                   "results": results}
+                   "default_threads": default_threads, "results": results}
         with open(args.json, "w") as fh:
             json.dump(payload, fh, indent=2)
             fh.write("\n")

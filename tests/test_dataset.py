@@ -117,6 +117,18 @@ def test_channel_names_and_shapes(tiles_dir):
     assert spec["input_channels"] == expected and spec["dt_scale_days"] == DT_SCALE_DAYS
 
 
+def test_optical_only_export(tmp_path):
+    cube = CUBE[:, :3]  # B04, B08, valid
+    channels = [{"name": n, "sensor": "S2", "kind": k} for n, k in zip(NAMES[:3], KINDS[:3])]
+    export_tiles(cube, channels, DATES, tmp_path, size=SIZE, overlap=0, min_valid_fraction=0.0,
+                 block_size=SIZE, val_fraction=0.0, seed=0)
+    ds = GapFillDataset(tmp_path, k_neighbours=1)
+    assert ds.input_channels == ["B04@t", "B08@t", "valid@t",
+                                 "B04@t-1", "B08@t-1", "valid@t-1", "dt@t-1", "present@t-1",
+                                 "B04@t+1", "B08@t+1", "valid@t+1", "dt@t+1", "present@t+1"]
+    assert ds[0]["image"].shape == (13, SIZE, SIZE)
+
+
 def test_index_splits_and_min_target_valid(tiles_dir):
     train = GapFillDataset(tiles_dir, "train")
     val = GapFillDataset(tiles_dir, "val")

@@ -11,8 +11,9 @@ Input channels, in order (names in :attr:`GapFillDataset.input_channels`):
    ``<band>@t-j`` (normalised, 0 where not clear), ``<valid>@t-j``, ``dt@t-j`` (constant:
    (time of t-j - time of t) in days / 30, signed) and ``present@t-j`` (constant: 1 if the date
    exists, 0 beyond the ends of the series, where every channel of that date is 0);
-3. ``<sar band>@sar`` (normalised, NaN -> 0; all 0 when t has no paired SAR) and ``dt@sar``
-   (constant: the SAR gap in days / 30 as given in ``sar_gap_days``; 0 when there is none);
+3. ``<sar band>@sar`` (normalised, NaN -> 0; all 0 when t has no paired SAR, i.e.
+   ``sar_gap_days`` is None) and ``dt@sar`` (constant: ``sar_gap_days`` / 30, sign kept; 0 when
+   there is no SAR); both left out when the export has no SAR channel;
 4. the static layers by name (normalised, NaN -> 0).
 
 "Clear" means valid == 1 and every optical band finite (:func:`stfuse.tiles.clear_mask`).
@@ -164,7 +165,8 @@ class GapFillDataset(Dataset):
         for tag in self._neighbour_tags():
             inputs += [f"{n}@{tag}" for n in opt_names]
             inputs += [f"{valid_name}@{tag}", f"dt@{tag}", f"present@{tag}"]
-        inputs += [f"{names[i]}@sar" for i in self._sar] + ["dt@sar"]
+        if self._sar:  # no SAR channels at all: no dt@sar either
+            inputs += [f"{names[i]}@sar" for i in self._sar] + ["dt@sar"]
         inputs += [names[i] for i in self._static]
         self.input_channels: list[str] = inputs
         self.target_channels: list[str] = opt_names
@@ -229,7 +231,7 @@ class GapFillDataset(Dataset):
         index = int(index) % n
         row, t = (int(v) for v in self._items[index])
         tile_id = int(self._tile_ids[row])
-        n_dates, k = self.n_dates, self.k_neighbours
+        n_dates = self.n_dates
 
         # artificial masking: decide first, so the extra date is read in the same go
         other = -1
@@ -275,9 +277,8 @@ class GapFillDataset(Dataset):
         if n_sar:
             if np.isfinite(gap):
                 image[c:c + n_sar] = self._normalise(cur[self._sar], self._sar)
-            c += n_sar
-        image[c] = gap / DT_SCALE_DAYS if np.isfinite(gap) else 0.0
-        c += 1
+                image[c + n_sar] = gap / DT_SCALE_DAYS
+            c += n_sar + 1
         if self._static:
             image[c:c + len(self._static)] = self._normalise(cur[self._static], self._static)
             c += len(self._static)
