@@ -10,9 +10,11 @@ configfile: "config/config.yaml"
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/ingest.smk"
+include: "workflow/rules/bridge.smk"
 
 
 rule all:
     input:
         stage_targets("ingest"),
+        stage_targets("tiles"),
     default_target: True

@@ -148,7 +148,7 @@ def test_existing_project_refuses_users_mapset_name(user_project):
 def test_existing_project_missing_label_and_relative_time(user_project):
     cfg = sensors()
     cfg["S2"]["bands"].append("B12")
-    with pytest.raises(existing.InputError, match=r"STRDS S2@ingest_S2 \(S2\) has no maps with semantic label B12"):
+    with pytest.raises(existing.InputError, match=r"STRDS S2@ingest_S2 has no maps with semantic label B12.*\(sensor S2\)"):
         existing.prepare_project(user_project, "stfuse", {"S2": "S2@ingest_S2", "S1": "S1@ingest_S1"}, cfg, {})
     grass.own_mapset(user_project, "stfuse_rel")
     with grass.session(user_project, "stfuse_rel") as gs:

@@ -16,12 +16,13 @@ import pandas as pd
 from . import grass
 from .ingest import _derive_validity, _iso, grid_dict
 from .manifest import Grid
+from .temporal import DatasetError, granules
 
 log = logging.getLogger("stfuse.existing")
 
 
-class InputError(ValueError):
-    """An STRDS given as input is missing or unusable; the message names it."""
+# One error type for everything wrong with the user's project or STRDS.
+InputError = DatasetError
 
 
 def _mapset_of(strds_id: str) -> str:
@@ -30,34 +31,13 @@ def _mapset_of(strds_id: str) -> str:
     return strds_id.split("@", 1)[1]
 
 
-def registered_maps(tgis, strds_id: str) -> pd.DataFrame:
-    """id, name, start_time (UTC), semantic_label of every map of an absolute-time STRDS."""
-    ds = tgis.open_old_stds(strds_id, "strds")
-    if ds.get_temporal_type() != "absolute":
-        raise InputError(f"STRDS {strds_id} has relative time; stfuse needs absolute (UTC) start times")
-    rows = ds.get_registered_maps(columns="id,name,start_time,semantic_label", order="start_time")
-    if not rows:
-        raise InputError(f"STRDS {strds_id} is empty")
-    df = pd.DataFrame([dict(r) for r in rows])
-    df["start_time"] = pd.to_datetime(df.start_time).dt.tz_localize("UTC")
-    return df
-
-
 def check_strds(tgis, strds_id: str, sensor: str, spec: dict) -> pd.DataFrame:
-    df = registered_maps(tgis, strds_id)
+    """Granules (start_time + one map id column per band and mask band) of a user's STRDS."""
     wanted = list(spec["bands"]) + ([spec["mask"]["band"]] if spec.get("mask") else [])
-    missing = [b for b in wanted if b not in set(df.semantic_label.dropna())]
-    if missing:
-        raise InputError(
-            f"STRDS {strds_id} ({sensor}) has no maps with semantic label {', '.join(missing)}; "
-            "set them with r.semantic.label or t.register"
-        )
-    df = df[df.semantic_label.isin(wanted)]
-    for when, labels in df.groupby("start_time").semantic_label.agg(set).items():
-        lacking = [b for b in wanted if b not in labels]
-        if lacking:
-            raise InputError(f"STRDS {strds_id}: the granule at {_iso(when)} lacks band(s) {', '.join(lacking)}")
-    return df
+    try:
+        return granules(tgis, strds_id, wanted)
+    except DatasetError as err:
+        raise InputError(f"{err} (sensor {sensor})") from None
 
 
 def prepare_project(project_dir, mapset: str, strds: dict, sensors: dict, region: dict) -> dict:
@@ -77,7 +57,7 @@ def prepare_project(project_dir, mapset: str, strds: dict, sensors: dict, region
         first = {}
         for sensor, spec in sensors.items():
             df = check_strds(tgis, strds[sensor], sensor, spec)
-            first[sensor] = df.id.iloc[0]
+            first[sensor] = df[spec["bands"][0]].iloc[0]
         optical = next(s for s, spec in sensors.items() if spec["role"] == "optical")
         if region.get("from", "data") == "explicit":
             b = region["bounds"]
@@ -114,8 +94,8 @@ def ingest_sensor(project_state: dict, sensor: str, spec: dict) -> dict:
         grid = grid_from_project(project_state)
         set_region(gs, grid)
         df = check_strds(tgis, strds_id, sensor, spec)
-        names = {(r.start_time, r.semantic_label): r.id for r in df.itertuples()}
-        dates = sorted(df.start_time.unique())
+        names = {(r["start_time"], b): r[b] for _, r in df.iterrows() for b in df.columns if b != "start_time"}
+        dates = list(df.start_time)
         valid_strds = None
         mask_band = spec.get("mask", {}).get("band")
         if mask_band:

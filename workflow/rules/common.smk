@@ -46,5 +46,8 @@ def stage_targets(stage):
     """The files that make up a stage; `rule <stage>` and `rule all` request them."""
     targets = {
         "ingest": [f"{RESULTS}/ingest/{s}.json" for s in SENSORS],
+        "pairing": [f"{RESULTS}/pairing/pairs.csv"],
+        "groups": [f"{RESULTS}/groups/groups.json"],
+        "tiles": [f"{RESULTS}/tiles/index.csv"],
     }
     return targets[stage]

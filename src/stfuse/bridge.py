@@ -1,0 +1,226 @@
+"""The STRDS -> tensor bridge, as workflow steps: cross-sensor pairing, imagery groups, tile export.
+
+Each step opens a GRASS session in a mapset of its own (parallel jobs never share a mapset), reads the
+ingest mapsets by fully qualified names, and writes plain files (CSV, JSON, .npy) as its outputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import grass, grassio, pairing, temporal, tiles
+from .ingest import grid_from_project, set_region
+
+log = logging.getLogger("stfuse.bridge")
+
+
+def stage_mapset(project_state: dict, stage: str) -> str:
+    """The pipeline's own mapset for a stage: `<stage>`, or `<prefix>_<stage>` in a user's project."""
+    prefix = project_state.get("mapset")
+    return f"{prefix}_{stage}" if project_state.get("source") == "grass_project" else stage
+
+
+@contextlib.contextmanager
+def stage_session(project_state: dict, stage: str, read_mapsets):
+    """A fresh own mapset for `stage`, the mapsets it reads on its search path, the study region."""
+    project = project_state["project"]
+    mapset = stage_mapset(project_state, stage)
+    grass.own_mapset(project, mapset)
+    with grass.session(project, mapset) as gs:
+        reads = sorted({m for m in read_mapsets if m and m != mapset})
+        if reads:
+            gs.run_command("g.mapsets", mapset=",".join(reads), operation="add", quiet=True)
+        set_region(gs, grid_from_project(project_state))
+        yield gs
+
+
+def _mapset(map_or_strds_id: str) -> str:
+    return map_or_strds_id.split("@", 1)[1] if "@" in map_or_strds_id else ""
+
+
+# --- pairing -------------------------------------------------------------------------------------------
+
+
+def optical_table(tgis, optical_state: dict) -> pd.DataFrame:
+    """Optical granules from TGIS: id, start_time, a column per band, the validity map."""
+    bands = optical_state["bands"]
+    opt = temporal.granules(tgis, optical_state["strds"], bands)
+    valid = temporal.registered_maps(tgis, optical_state["valid_strds"])[["start_time", "id"]]
+    opt = opt.merge(valid.rename(columns={"id": "valid"}), on="start_time", how="left")
+    if opt.valid.isna().any():
+        when = opt.start_time[opt.valid.isna()].iloc[0]
+        raise temporal.DatasetError(f"{optical_state['valid_strds']} has no validity map at {temporal.iso(when)}")
+    opt.insert(0, "id", [f"{optical_state['sensor']}_{temporal.stamp(t)}" for t in opt.start_time])
+    return opt
+
+
+def sar_table(tgis, sar_state: dict) -> pd.DataFrame:
+    sar = temporal.granules(tgis, sar_state["strds"], sar_state["bands"])
+    sar.insert(0, "id", [f"{sar_state['sensor']}_{temporal.stamp(t)}" for t in sar.start_time])
+    return sar
+
+
+def clear_fractions(valid_maps: list[str]) -> np.ndarray:
+    """Share of the region's cells that are clear (valid == 1) per validity map."""
+    valid = grassio.read_maps(valid_maps)
+    return (valid == 1).reshape(len(valid_maps), -1).mean(axis=1)
+
+
+def pairing_step(project_state: dict, optical_state: dict, sar_state: dict, out_dir, *, max_gap_days: float,
+                 mode: str = "nearest", k: int = 1, neighbours: int = 2, min_clear: float = 0.0) -> dict:
+    """Pair every optical granule with SAR; list optical neighbours; write CSV tables and a summary."""
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    reads = [_mapset(optical_state["strds"]), _mapset(optical_state["valid_strds"]), _mapset(sar_state["strds"])]
+    with stage_session(project_state, "pairing", reads):
+        import grass.temporal as tgis
+
+        tgis.init()
+        opt = optical_table(tgis, optical_state)
+        sar = sar_table(tgis, sar_state)
+        opt["clear_fraction"] = clear_fractions(list(opt.valid))
+    pairs, unpaired = pairing.pair_sensors(opt, sar, max_gap_days, mode=mode, k=k)
+    line = pairing.summarise(pairs, unpaired)
+    near = pairing.optical_neighbours(opt[["id", "start_time", "clear_fraction"]], k=neighbours,
+                                      min_clear=min_clear)
+    for frame in (opt, sar, pairs, unpaired, near):
+        for col in frame.columns:
+            if col.endswith("time"):
+                frame[col] = [temporal.iso(t) for t in frame[col]]
+    opt.to_csv(out_dir / "optical.csv", index=False)
+    sar.to_csv(out_dir / "sar.csv", index=False)
+    pairs.to_csv(out_dir / "pairs.csv", index=False)
+    unpaired.to_csv(out_dir / "unpaired.csv", index=False)
+    near.to_csv(out_dir / "neighbours.csv", index=False)
+    log.info("%s", line)
+    for r in unpaired.itertuples():
+        log.warning("unpaired %s (%s): %s", r.optical_id, r.optical_time, r.reason)
+    summary = dict(summary=line, optical=len(opt), sar=len(sar), paired=int(pairs.optical_id.nunique()),
+                   unpaired=len(unpaired), mode=mode, k=k, max_gap_days=max_gap_days,
+                   median_clear_fraction=float(opt.clear_fraction.median()), seconds=time.perf_counter() - t0)
+    (out_dir / "pairing.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+# --- imagery groups ------------------------------------------------------------------------------------
+
+
+def channel_layout(optical_state: dict, sar_state: dict, static: list[dict]) -> list[dict]:
+    """Channel order shared by groups, tiles and the model: optical bands, valid, SAR bands, static."""
+    chans = [dict(name=b, sensor=optical_state["sensor"], kind="optical") for b in optical_state["bands"]]
+    chans.append(dict(name="valid", sensor=optical_state["sensor"], kind="valid"))
+    chans += [dict(name=b, sensor=sar_state["sensor"], kind="sar") for b in sar_state["bands"]]
+    chans += [dict(name=s["name"], sensor="static", kind="static") for s in static]
+    return chans
+
+
+def import_static(gs, static: list[dict], project_state: dict) -> dict[str, str]:
+    """Import static layers (e.g. a DEM) from files onto the study grid; returns name -> map id."""
+    from .ingest import build_vrt
+    from .manifest import inspect_rasters
+
+    if not static:
+        return {}
+    mapset = gs.gisenv()["MAPSET"]
+    rows = inspect_rasters(pd.DataFrame(dict(path=[str(Path(s["file"]).resolve()) for s in static],
+                                             line=[f"static[{i}]" for i in range(len(static))])))
+    grid = grid_from_project(project_state)
+    out = {}
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="stfuse_static_") as tmp:
+        for s, (_, row) in zip(static, rows.iterrows()):
+            vrt = Path(tmp) / f"{s['name']}.vrt"
+            vrt.write_text(build_vrt(rows.loc[[row.name]], grid, resampling=s.get("resampling", "bilinear")))
+            gs.run_command("r.in.gdal", input=str(vrt), output=f"static_{s['name']}", flags="o", quiet=True)
+            gs.run_command("r.semantic.label", map=f"static_{s['name']}", semantic_label=s["name"], quiet=True)
+            out[s["name"]] = f"static_{s['name']}@{mapset}"
+    return out
+
+
+def groups_step(project_state: dict, optical_state: dict, sar_state: dict, pairing_dir, out_json,
+                static: list[dict] | None = None) -> dict:
+    """One imagery group per optical acquisition: its bands, validity, paired SAR bands, static layers."""
+    static = static or []
+    t0 = time.perf_counter()
+    pairing_dir = Path(pairing_dir)
+    opt = pd.read_csv(pairing_dir / "optical.csv")
+    sar = pd.read_csv(pairing_dir / "sar.csv").set_index("id")
+    pairs = pd.read_csv(pairing_dir / "pairs.csv")
+    pairs = pairs[pairs["rank"] == 1].set_index("optical_id")
+    channels = channel_layout(optical_state, sar_state, static)
+    reads = [_mapset(optical_state["strds"]), _mapset(optical_state["valid_strds"]), _mapset(sar_state["strds"])]
+    groups = []
+    with stage_session(project_state, "groups", reads) as gs:
+        mapset = gs.gisenv()["MAPSET"]
+        static_maps = import_static(gs, static, project_state)
+        for r in opt.itertuples(index=False):
+            row = r._asdict()
+            paired = r.id in pairs.index
+            maps = [row[b] for b in optical_state["bands"]] + [row["valid"]]
+            sar_id = pairs.loc[r.id, "sar_id"] if paired else None
+            maps += [sar.loc[sar_id, b] if paired else None for b in sar_state["bands"]]
+            maps += [static_maps[s["name"]] for s in static]
+            name = r.id
+            # i.group keeps the order given: the channel order of the model.
+            gs.run_command("i.group", group=name, subgroup=name, input=",".join(m for m in maps if m), quiet=True)
+            groups.append(dict(group=f"{name}@{mapset}", optical_id=r.id, start_time=r.start_time,
+                               clear_fraction=float(r.clear_fraction), sar_id=sar_id,
+                               sar_gap_days=float(pairs.loc[r.id, "gap_days"]) if paired else None, maps=maps))
+    state = dict(project=project_state["project"], mapset=mapset, channels=channels, groups=groups,
+                 region=project_state["region"])
+    Path(out_json).write_text(json.dumps(state, indent=1) + "\n")
+    log.info("%d imagery groups in %s (%d channels: %s) in %.1f s", len(groups), mapset, len(channels),
+             ", ".join(c["name"] for c in channels), time.perf_counter() - t0)
+    return state
+
+
+# --- cube and tiles ------------------------------------------------------------------------------------
+
+
+def read_cube(groups_state: dict) -> np.ndarray:
+    """(T, C, H, W) float32 of every group in the current region; absent channels (no SAR) are NaN."""
+    groups = groups_state["groups"]
+    n_chan = len(groups_state["channels"])
+    present = [[m for m in g["maps"] if m] for g in groups]
+    h, w = grassio.region_shape()
+    cube = np.full((len(groups), n_chan, h, w), np.nan, dtype=np.float32)
+    flat = grassio.read_maps([m for maps in present for m in maps])
+    i = 0
+    for t, g in enumerate(groups):
+        for c, m in enumerate(g["maps"]):
+            if m:
+                cube[t, c] = flat[i]
+                i += 1
+    return cube
+
+
+def cube_dates(groups_state: dict) -> list[dict]:
+    keys = ("start_time", "optical_id", "sar_id", "sar_gap_days", "clear_fraction")
+    return [{k: g[k] for k in keys} for g in groups_state["groups"]]
+
+
+def read_cube_step(project_state: dict, groups_state: dict, stage: str) -> np.ndarray:
+    reads = [_mapset(m) for g in groups_state["groups"] for m in g["maps"] if m]
+    with stage_session(project_state, stage, reads):
+        return read_cube(groups_state)
+
+
+def tiles_step(project_state: dict, groups_json, out_dir, **tile_params) -> dict:
+    """Read every group into a (T, C, H, W) cube in the study region and export tiles from it."""
+    t0 = time.perf_counter()
+    groups_state = json.loads(Path(groups_json).read_text())
+    cube = read_cube_step(project_state, groups_state, "tiles")
+    log.info("read %s cube (%.1f MB) from GRASS in %.1f s", cube.shape, cube.nbytes / 1e6, time.perf_counter() - t0)
+    summary = tiles.export_tiles(cube, groups_state["channels"], cube_dates(groups_state), out_dir,
+                                 region=project_state["region"], **tile_params)
+    log.info("tiles: %s", {k: v for k, v in summary.items() if k.startswith("n_")})
+    return summary

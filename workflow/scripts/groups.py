@@ -1,0 +1,10 @@
+"""Rule groups: one imagery group (i.group) per optical acquisition, channel order from semantic labels."""
+import json
+from pathlib import Path
+
+from stfuse import bridge, logs
+
+logs.setup(snakemake.log[0])
+load = lambda path: json.loads(Path(path).read_text())  # noqa: E731
+bridge.groups_step(load(snakemake.input.project), load(snakemake.input.optical), load(snakemake.input.sar),
+                   Path(snakemake.input.pairs).parent, snakemake.output.groups, static=snakemake.params.static)
