@@ -20,7 +20,8 @@ Cells are decoded by GRASS's own raster library: ``Rast_open_old`` + ``Rast_get_
 applies the region (nearest-neighbour resampling), converts CELL/DCELL to float and writes nulls as
 the FCELL null pattern -- all bits set, a NaN -- straight into the output buffer; called through
 ctypes, but never in this process. Each call runs in *helper processes forked from a small server*
-(`_SERVER`, ``python -I -S`` importing nothing but ctypes and socket), started on first use:
+(`_SERVER`, ``python -I -S`` with the standard library only), started on first use and ended with
+this process:
 
 * GRASS library errors call ``G_fatal_error``, which ends the process with ``exit()``. A corrupt
   file, a reclass of a vanished map or a bad region must fail one call with a `GrassError`, not kill
@@ -28,32 +29,39 @@ ctypes, but never in this process. Each call runs in *helper processes forked fr
   reports the helper's GRASS messages.
 * The GRASS library caches the gisrc (project, mapset), the region and the mapset search path at its
   first use. Each helper starts from a library that was loaded but never initialised (the server
-  only ``dlopen``\\ s it) and gets the caller's environment (``GISRC``, ``WIND_OVERRIDE`` from
-  ``grass.script.use_temp_region``, ``GRASS_REGION``), so every call sees the session and region as a
-  GRASS module started at that moment would.
+  only loads it) and gets the caller's environment (``GISRC``, ``WIND_OVERRIDE`` from
+  ``grass.script.use_temp_region``, ``GRASS_REGION``), so every call sees the session, region and
+  MASK as a GRASS module started at that moment would (a MASK nulls cells, as in every module).
 * Forking is what makes helpers cheap: ``libgrass_raster`` pulls in GDAL and ~115 shared libraries,
   which costs ~45 ms per fresh process here (like every GRASS module's start-up: ``g.region -g``
-  ~40 ms); a fork of the server, which loaded them once, ~2 ms.
+  ~40 ms); a fork of the server, which loaded them once, plus ``G_gisinit`` ~3 ms (the whole
+  `region_shape` call). The first call of a process starts the server (~60 ms).
 * Helpers run in parallel: the rows of all requested maps (flattened to ``N * H`` rows) are split
   into one contiguous band per helper, so each helper fills one contiguous byte range of the
   preallocated output, streamed through its stdout pipe straight into the numpy buffer
   (``readinto``; no temporary file, the only copy is the pipe's). Random row access is cheap in
   GRASS's row-compressed format, so a single large map is split across cores too; many small maps
-  cost one fork per helper, not one process per map.
+  cost one fork per helper, not one process per map. Writing rows straight into a shared memfd
+  instead of a pipe was tried and is slower here: faulting in 64 MB of shmem pages costs ~50 ms,
+  against ~4 ms for (transparent-huge-page backed) anonymous memory and ~25 ms for the pipe copies.
 
-Alternatives measured on the 2-core development machine (4000 x 4000 FCELL, 64 MB; see
-benchmarks/bench_reader.py): ``r.out.bin output=/dev/null`` ~250-290 MB/s (GRASS's decode plus
-format conversion and fwrite), ``r.out.bin output=-`` through a pipe into a numpy buffer ~150-210
-MB/s (and ~40 ms of process start-up per map, one process per map), ``grass.script.array`` (r.out.bin
-into a temporary file) ~180 MB/s, pygrass RasterRow ~150 MB/s; an in-process ctypes loop ~350 MB/s
-on one core, but with the exit()-on-error and stale-state problems above. The machine is shared, so
-single numbers vary by +-30 %; the benchmark times all methods interleaved in one run.
+Measured on the 2-core development machine (benchmarks/bench_reader.py, 4000 x 4000 FCELL = 64 MB
+of float32, medians; the machine is shared, so single runs vary by +-30 %): this module ~530 MB/s
+with two helpers (~300 MB/s with one), against ``r.out.bin output=/dev/null`` ~260 MB/s (GRASS's
+decode plus format conversion and fwrite), ``r.out.bin output=-`` through a pipe into a numpy
+buffer ~150-210 MB/s, ``grass.script.array`` (r.out.bin into a temporary file) ~170 MB/s, a pygrass
+RasterRow loop ~150-220 MB/s, and an in-process ctypes loop ~340 MB/s on one core (fastest per core,
+as it saves the pipe copies, but with the exit()-on-error and stale-state problems above). 500 maps
+of 64 x 64: ~0.6 ms per map (~1 ms with one helper; GRASS decompresses every row and its null bits
+with a fresh zstd context, ~12 us each, which dominates small maps), against ~40 ms per map for one
+r.out.bin process per map.
 
 Writing uses a helper as well: it reads the array from its stdin and writes it with ``Rast_open_new``
 (FCELL) / ``Rast_put_f_row`` in the current region, NaN as null; title and history are set after
 ``Rast_close`` (``Rast_put_cell_title``, ``Rast_write_history``). A write that breaks off (parent
 interrupted, short input) calls ``Rast_unopen``: no half-written map is left behind. Overwriting
-behaves like a GRASS module's ``--overwrite`` (same library calls).
+behaves like a GRASS module's ``--overwrite`` (same library calls). Writing one map cannot be split
+across processes; it runs at GRASS's compression speed (~75 MB/s here, ``r.in.bin`` ~65 MB/s).
 """
 
 from __future__ import annotations
@@ -70,7 +78,6 @@ import struct
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -86,10 +93,14 @@ _HEADER = struct.Struct("<qq")  # a record: (status, byte count) or the region's
 _OK, _MISSING, _FAILED = 0, 1, 2
 _FCELL_NULL = np.uint32(0xFFFFFFFF)  # GRASS's FCELL null pattern: all bits set (a NaN)
 # Parallel split: one more helper per this much estimated work (a fork + gisinit costs ~2-5 ms).
+# The estimate, from measurements here: ~500 MB/s of cells + ~12 us per row (GRASS decompresses each
+# row, and its null bits, with a fresh zstd context: that dominates small maps) + ~0.15 ms per open.
 _SPLIT_SECONDS = 0.02
-_EST_BYTES_PER_S = 350e6  # Rast_get_f_row decode rate of one helper, FCELL
-_EST_OPEN_S = 0.0003  # Rast_open_old + Rast_close of one map
+_EST_BYTES_PER_S = 500e6
+_EST_ROW_S = 12e-6
+_EST_OPEN_S = 0.15e-3
 _MAX_WORKERS = 8
+_CHUNK = 4 << 20  # bytes read from a helper between checks whether to stop
 
 # The server: `python -I -S -c _SERVER SOCKET_FD LIBGIS LIBRASTER VERSION`. It dlopens the GRASS
 # libraries once and forks one helper per job request; a request is one SOCK_SEQPACKET message
@@ -172,7 +183,7 @@ def job(gis, ras, version, mode, inp, out):
                 return fail(out, 1, "")
             fd = ras.Rast_open_old(name, found)
             r, r1 = int(r0), int(r1)
-            put(out, HDR.pack(0, (r1 - r) * rowbytes))
+            put(out, HDR.pack(0, (r1 - r) * rowbytes))  # the rows follow
             while r < r1:
                 n = min(chunk, r1 - r)
                 for i in range(n):
@@ -184,9 +195,11 @@ def job(gis, ras, version, mode, inp, out):
 
     # mode == "write": a length-prefixed JSON header, an answer, then rows x cols float32 values.
     head = bytearray(8)
-    read_exact(inp, memoryview(head))
+    if read_exact(inp, memoryview(head)) != 8:
+        return  # the caller gave up (wrong shape)
     req = bytearray(struct.unpack("<q", head)[0])
-    read_exact(inp, memoryview(req))
+    if read_exact(inp, memoryview(req)) != len(req):
+        return
     req = json.loads(req)
     name = req["name"].encode()
     mapset = gis.G_mapset()
@@ -250,9 +263,13 @@ def child(sock, gis, ras, version, request, fds):
 
 def main():
     sock = socket.socket(fileno=int(sys.argv[1]))
-    gis, ras = ctypes.CDLL(sys.argv[2]), ctypes.CDLL(sys.argv[3])
+    try:
+        gis, ras = ctypes.CDLL(sys.argv[2]), ctypes.CDLL(sys.argv[3])
+        declare(gis, ras)
+    except Exception as exc:
+        os.write(sock.fileno(), ("cannot load the GRASS libraries: %s" % exc).encode())
+        return
     version = sys.argv[4].encode()
-    declare(gis, ras)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # helpers are reaped by the kernel
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business
     os.write(sock.fileno(), b"ready")
@@ -317,13 +334,19 @@ class _Server:
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, pass_fds=[theirs.fileno()],
                 start_new_session=True,  # Ctrl-C in a terminal reaches the parent only
             )
+        except BaseException:
+            ours.close()
+            raise
         finally:
             theirs.close()
         self.sock = ours
         self.pid = os.getpid()
-        if ours.recv(16) != b"ready":
+        answer = ours.recv(4096)
+        if answer != b"ready":
+            ours.close()
             code = self.proc.wait()
-            raise GrassError(f"GRASS raster helper server could not start (exit status {code})")
+            why = answer.decode("utf-8", "replace") or f"exit status {code}"
+            raise GrassError(f"the GRASS raster helper server could not start: {why}")
 
     def alive(self) -> bool:
         return self.pid == os.getpid() and self.proc.poll() is None
@@ -395,12 +418,14 @@ class _Helper:
         in_r, in_w = os.pipe()
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
-        _set_pipe_size(out_r, 1 << 20)
+        fds = [in_r, out_w, err_w]
+        if mode == "read":
+            _set_pipe_size(out_r, 1 << 20)
         try:
             try:
-                _server(env["GISBASE"]).submit(request, [in_r, out_w, err_w])
+                _server(env["GISBASE"]).submit(request, fds)
             except OSError:  # the server died (killed?): once more with a new one
-                _server(env["GISBASE"], fresh=True).submit(request, [in_r, out_w, err_w])
+                _server(env["GISBASE"], fresh=True).submit(request, fds)
         except BaseException:
             for fd in (in_w, out_r, err_r):
                 os.close(fd)
@@ -525,18 +550,20 @@ def read_maps(names: Sequence[str], *, env: Mapping[str, str] | None = None,
     names = list(names)
     parsed = [_check_name(n) for n in names]
     env = _environment(env)
-    first = _Helper("read", env)
-    helpers = [first]
+    helpers = [_Helper("read", env)]
+    threads: list[threading.Thread] = []
+    errors: list[Exception] = []
+    stop = threading.Event()  # set on the first error or an interrupt: the other readers stop
     try:
-        rows, cols = first.start()
+        rows, cols = helpers[0].start()
         out = np.empty((len(names), rows, cols), dtype=np.float32)
         if out.size == 0:
-            first.send(b"", close=True)
+            helpers[0].send(b"", close=True)
             return out
         rowbytes = 4 * cols
         total_rows = len(names) * rows
         if workers is None:
-            work = out.nbytes / _EST_BYTES_PER_S + len(names) * _EST_OPEN_S
+            work = out.nbytes / _EST_BYTES_PER_S + total_rows * _EST_ROW_S + len(names) * _EST_OPEN_S
             workers = min(_workers_available(), _MAX_WORKERS, 1 + int(work / _SPLIT_SECONDS))
         workers = max(1, min(int(workers), total_rows))
         helpers += [_Helper("read", env) for _ in range(workers - 1)]
@@ -555,9 +582,9 @@ def read_maps(names: Sequence[str], *, env: Mapping[str, str] | None = None,
             helper.send(request.encode(), close=True)
             plans.append((helper, items))
         view = memoryview(out.reshape(-1).view(np.uint8))
-        errors: list[BaseException] = []
 
         def run(helper: _Helper, items) -> None:
+            """Collect one helper's rows (per item a record, then the rows) into their place in `out`."""
             try:
                 for i, r0, r1 in items:
                     head = helper.read_header()
@@ -568,16 +595,24 @@ def read_maps(names: Sequence[str], *, env: Mapping[str, str] | None = None,
                         raise GrassError(f"raster map <{names[i]}> not found")
                     if status != _OK:
                         raise GrassError(f"reading raster map <{names[i]}> failed: {helper.read_message(size)}")
+                    if size != (r1 - r0) * rowbytes:
+                        raise GrassError(f"reading raster map <{names[i]}>: protocol error")
                     start = (i * rows + r0) * rowbytes
-                    size_expected = (r1 - r0) * rowbytes
-                    if size != size_expected or helper.readinto(view[start:start + size]) != size:
-                        raise GrassError(f"reading raster map <{names[i]}> failed: {helper.error_text()}")
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
+                    for a in range(start, start + size, _CHUNK):
+                        if stop.is_set():
+                            return
+                        b = min(a + _CHUNK, start + size)
+                        if helper.readinto(view[a:b]) != b - a:
+                            raise GrassError(f"reading raster map <{names[i]}> failed: {helper.error_text()}")
+            except Exception as exc:  # re-raised in the calling thread
                 errors.append(exc)
+                stop.set()
+            finally:
+                helper.finish()  # a helper still decoding ends at its next write
 
-        threads = [threading.Thread(target=run, args=plan, daemon=True) for plan in plans[1:]]
-        for thread in threads:
-            thread.start()
+        for plan in plans[1:]:
+            threads.append(threading.Thread(target=run, args=plan, daemon=True))
+            threads[-1].start()
         run(*plans[0])
         for thread in threads:
             thread.join()
@@ -587,6 +622,9 @@ def read_maps(names: Sequence[str], *, env: Mapping[str, str] | None = None,
             raise (missing or errors)[0]
         return out
     finally:
+        stop.set()
+        for thread in threads:  # each closes its own helper's pipes, within one chunk
+            thread.join(timeout=60)
         for helper in helpers:
             helper.finish()
 
@@ -614,6 +652,8 @@ def write_map(array: np.ndarray, name: str, *, overwrite: bool = False, title: s
             if np.shares_memory(values, array):
                 values = values.copy()
             values.view(np.uint32)[nulls] = _FCELL_NULL  # GRASS's own null pattern, not just any NaN
+        if title is not None:
+            title = " ".join(str(title).splitlines())  # one line in GRASS's files
         request = json.dumps({
             "name": base, "mapset": mapset, "overwrite": bool(overwrite), "title": title,
             "history": history, "description": "written by stfuse.grassio.write_map",

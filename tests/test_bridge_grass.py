@@ -1,0 +1,121 @@
+"""Pairing, imagery groups and tiles on a real GRASS project built from a tiny synthetic scene."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from stfuse import bridge, grass, ingest, temporal, tiles
+
+from _scene import sensors, tiny_scene
+
+pytestmark = pytest.mark.grass
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bridge")
+    scene = tiny_scene(root / "scene")
+    state = ingest.prepare_project(scene, sensors(), {}, root / "grassdata" / "tiny", root / "checked.csv")
+    states = {s: ingest.ingest_sensor(state, root / "checked.csv", s, spec) for s, spec in sensors().items()}
+    return root, scene, state, states
+
+
+@pytest.fixture(scope="module")
+def paired(project):
+    root, scene, state, states = project
+    summary = bridge.pairing_step(state, states["S2"], states["S1"], root / "pairing", max_gap_days=1.5)
+    return root / "pairing", summary
+
+
+def test_pairs_follow_tgis_times_and_max_gap(project, paired):
+    root, scene, state, states = project
+    out, summary = paired
+    m = pd.read_csv(scene)
+    opt_times = sorted(pd.to_datetime(m[m.sensor == "S2"].start_time.unique()))
+    sar_times = np.array(sorted(pd.to_datetime(m[m.sensor == "S1"].start_time.unique())))
+    pairs, unpaired = pd.read_csv(out / "pairs.csv"), pd.read_csv(out / "unpaired.csv")
+    assert len(pairs) + len(unpaired) == len(opt_times) == summary["optical"]
+    assert len(unpaired) > 0, "max gap 1.5 d should leave some optical dates without SAR"
+    for t in opt_times:
+        gaps = np.array([(s - t).total_seconds() / 86400 for s in sar_times])
+        best = np.min(np.abs(gaps))
+        key = f"S2_{temporal.stamp(t)}"
+        if best <= 1.5:
+            row = pairs[pairs.optical_id == key].iloc[0]
+            assert abs(abs(row.gap_days) - best) < 1e-6
+            assert row.sar_VV.startswith("S1_VV_") and row.sar_VV.endswith("@ingest_S1")
+        else:
+            reason = unpaired[unpaired.optical_id == key].reason.iloc[0]
+            assert "within 1.5 days" in reason
+
+
+def test_clear_fraction_from_validity_maps(project, paired):
+    root, scene, state, states = project
+    out, _ = paired
+    info = json.loads((scene.parent / "scene.json").read_text())
+    opt = pd.read_csv(out / "optical.csv")
+    # The synthetic scene knows its cloud (and shadow) share per date; clear = the rest.
+    for d, got in zip(info["optical_dates"], opt.clear_fraction):
+        hidden = d["cloud_fraction"] + d.get("shadow_fraction", 0.0)
+        assert got == pytest.approx(1 - hidden, abs=0.02)
+
+
+def test_groups_keep_channel_order_and_lack_sar_when_unpaired(project, paired):
+    root, scene, state, states = project
+    out, _ = paired
+    groups = bridge.groups_step(state, states["S2"], states["S1"], out, root / "groups.json")
+    names = [c["name"] for c in groups["channels"]]
+    assert names == ["B02", "B03", "B04", "B08", "valid", "VV", "VH"]
+    unpaired = set(pd.read_csv(out / "unpaired.csv").optical_id)
+    with grass.session(state["project"], "groups") as gs:
+        for g in groups["groups"][:6]:
+            listed = gs.read_command("i.group", group=g["group"], flags="g").split()
+            if g["optical_id"] in unpaired:
+                assert g["sar_id"] is None and len(listed) == 5
+            else:
+                assert listed == g["maps"]
+
+
+def test_tiles_reassemble_to_the_grass_cube(project, paired):
+    root, scene, state, states = project
+    groups_json = root / "groups.json"
+    if not groups_json.exists():
+        bridge.groups_step(state, states["S2"], states["S1"], paired[0], groups_json)
+    summary = bridge.tiles_step(state, groups_json, root / "tiles", size=8, overlap=0, min_valid_fraction=0.0,
+                                block_size=16, val_fraction=0.25, seed=1)
+    assert summary["n_train"] > 0 and summary["n_val"] > 0
+    cube = bridge.read_cube_step(state, json.loads(groups_json.read_text()), "check")
+    arr, index, channels, stats = tiles.load_tiles(root / "tiles")
+    origins = list(zip(index.row, index.col))
+    back = tiles.reassemble(np.asarray(arr), origins, 32, 32)
+    assert len(index) == 16  # 4 x 4 tiles of 8, no overlap: none dropped as a gap
+    np.testing.assert_array_equal(np.isnan(back), np.isnan(cube))
+    np.testing.assert_array_equal(back[~np.isnan(back)], cube[~np.isnan(cube)])
+    assert channels["region"]["cols"] == 32
+
+
+def test_tile_size_larger_than_region(project, paired):
+    root, scene, state, states = project
+    groups_json = root / "groups.json"
+    if not groups_json.exists():
+        bridge.groups_step(state, states["S2"], states["S1"], paired[0], groups_json)
+    with pytest.raises(ValueError, match="size"):
+        bridge.tiles_step(state, groups_json, root / "tiles_big", size=64, overlap=0, min_valid_fraction=0.0,
+                          block_size=16, val_fraction=0.25, seed=1)
+
+
+def test_missing_and_empty_and_relative_strds(project):
+    root, scene, state, states = project
+    grass.own_mapset(state["project"], "odd")
+    with grass.session(state["project"], "odd") as gs:
+        import grass.temporal as tgis
+
+        gs.run_command("t.create", output="rel", type="strds", temporaltype="relative", title="r", description="r")
+        gs.run_command("t.create", output="empty", type="strds", temporaltype="absolute", title="e", description="e")
+        tgis.init()
+        with pytest.raises(temporal.DatasetError, match="rel@odd has relative time"):
+            temporal.registered_maps(tgis, "rel@odd")
+        with pytest.raises(temporal.DatasetError, match="empty@odd is empty"):
+            temporal.registered_maps(tgis, "empty@odd")
