@@ -57,14 +57,11 @@ def optical_table(tgis, optical_state: dict) -> pd.DataFrame:
     if opt.valid.isna().any():
         when = opt.start_time[opt.valid.isna()].iloc[0]
         raise temporal.DatasetError(f"{optical_state['valid_strds']} has no validity map at {temporal.iso(when)}")
-    opt.insert(0, "id", [f"{optical_state['sensor']}_{temporal.stamp(t)}" for t in opt.start_time])
     return opt
 
 
 def sar_table(tgis, sar_state: dict) -> pd.DataFrame:
-    sar = temporal.granules(tgis, sar_state["strds"], sar_state["bands"])
-    sar.insert(0, "id", [f"{sar_state['sensor']}_{temporal.stamp(t)}" for t in sar.start_time])
-    return sar
+    return temporal.granules(tgis, sar_state["strds"], sar_state["bands"])
 
 
 def clear_fractions(valid_maps: list[str]) -> np.ndarray:

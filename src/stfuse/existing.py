@@ -94,7 +94,7 @@ def ingest_sensor(project_state: dict, sensor: str, spec: dict) -> dict:
         grid = grid_from_project(project_state)
         set_region(gs, grid)
         df = check_strds(tgis, strds_id, sensor, spec)
-        names = {(r["start_time"], b): r[b] for _, r in df.iterrows() for b in df.columns if b != "start_time"}
+        names = {(r["start_time"], b): r[b] for _, r in df.iterrows() for b in df.columns if b not in ("id", "start_time")}
         dates = list(df.start_time)
         valid_strds = None
         mask_band = spec.get("mask", {}).get("band")

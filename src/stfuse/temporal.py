@@ -27,7 +27,7 @@ def registered_maps(tgis, strds_id: str) -> pd.DataFrame:
 
 
 def granules(tgis, strds_id: str, bands: list[str]) -> pd.DataFrame:
-    """One row per acquisition: start_time and a column per band holding its map id.
+    """One row per acquisition: id (`<strds name>_<YYYYmmddTHHMMSS>`), start_time, a map id column per band.
 
     Every acquisition must have every band (identified by semantic label).
     """
@@ -50,6 +50,8 @@ def granules(tgis, strds_id: str, bands: list[str]) -> pd.DataFrame:
             )
     wide = wide[bands].reset_index()
     wide.columns.name = None
+    name = strds_id.split("@")[0]
+    wide.insert(0, "id", [f"{name}_{stamp(t)}" for t in wide.start_time])
     return wide
 
 
