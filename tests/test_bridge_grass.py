@@ -83,10 +83,13 @@ def test_tiles_reassemble_to_the_grass_cube(project, paired):
     groups_json = root / "groups.json"
     if not groups_json.exists():
         bridge.groups_step(state, states["S2"], states["S1"], paired[0], groups_json)
-    summary = bridge.tiles_step(state, groups_json, root / "tiles", size=8, overlap=0, min_valid_fraction=0.0,
+    meta = bridge.cube_step(state, groups_json, root / "cube")
+    assert meta["shape"] == [len(meta["dates"]), 7, 32, 32]
+    summary = bridge.tiles_step(root / "cube", root / "tiles", size=8, overlap=0, min_valid_fraction=0.0,
                                 block_size=16, val_fraction=0.25, seed=1)
     assert summary["n_train"] > 0 and summary["n_val"] > 0
     cube = bridge.read_cube_step(state, json.loads(groups_json.read_text()), "check")
+    np.testing.assert_array_equal(np.load(root / "cube" / "cube.npy"), cube)
     arr, index, channels, stats = tiles.load_tiles(root / "tiles")
     origins = list(zip(index.row, index.col))
     back = tiles.reassemble(np.asarray(arr), origins, 32, 32)
@@ -96,13 +99,30 @@ def test_tiles_reassemble_to_the_grass_cube(project, paired):
     assert channels["region"]["cols"] == 32
 
 
+def test_hidden_cells_become_gaps(project, paired):
+    root, scene, state, states = project
+    groups_json = root / "groups.json"
+    if not (root / "cube").exists():
+        bridge.groups_step(state, states["S2"], states["S1"], paired[0], groups_json)
+        bridge.cube_step(state, groups_json, root / "cube")
+    cube, meta = bridge.load_cube(root / "cube")
+    hidden = np.zeros((cube.shape[0], 32, 32), bool)
+    hidden[0, :4, :4] = True
+    masked, _ = bridge.load_cube(root / "cube", hidden)
+    assert np.isnan(masked[0, :4, :4, :4]).all() and (masked[0, 4, :4, :4] == 0).all()
+    np.testing.assert_array_equal(masked[1:], cube[1:])
+    np.testing.assert_array_equal(masked[0, :, 4:], cube[0, :, 4:])
+
+
 def test_tile_size_larger_than_region(project, paired):
     root, scene, state, states = project
     groups_json = root / "groups.json"
     if not groups_json.exists():
         bridge.groups_step(state, states["S2"], states["S1"], paired[0], groups_json)
+    if not (root / "cube").exists():
+        bridge.cube_step(state, groups_json, root / "cube")
     with pytest.raises(ValueError, match="size"):
-        bridge.tiles_step(state, groups_json, root / "tiles_big", size=64, overlap=0, min_valid_fraction=0.0,
+        bridge.tiles_step(root / "cube", root / "tiles_big", size=64, overlap=0, min_valid_fraction=0.0,
                           block_size=16, val_fraction=0.25, seed=1)
 
 

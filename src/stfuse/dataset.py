@@ -20,6 +20,11 @@ Input channels, in order (names in :attr:`GapFillDataset.input_channels`):
 Normalisation is ``(x - mean) / std`` with the training statistics in ``stats.json``; mask and
 time channels are not normalised.
 
+The assembly itself lives in :class:`InputAssembler` (and the :func:`build_input` shortcut),
+which works on any (T, C, h, w) series -- a tile from ``tiles.npy`` here, a window of the
+full-region cube in :mod:`stfuse.infer` -- so training and inference build their inputs with
+the same code.
+
 The tile array is memory-mapped lazily, once per process (the dataset only stores the path),
 so the dataset pickles cheaply and works with ``DataLoader(num_workers > 0)`` under both the
 ``fork`` and ``spawn`` start methods.
@@ -39,6 +44,7 @@ import torch
 from torch.utils.data import Dataset
 
 from stfuse.tiles import (
+    _check_dates,
     CHANNELS_FILE,
     CLEAR_FILE,
     INDEX_FILE,
@@ -48,13 +54,188 @@ from stfuse.tiles import (
     clear_mask,
 )
 
-__all__ = ["GapFillDataset", "DT_SCALE_DAYS"]
+__all__ = ["GapFillDataset", "InputAssembler", "build_input", "DT_SCALE_DAYS"]
 
 logger = logging.getLogger("stfuse.dataset")
 
 #: time offsets (optical neighbours and SAR gap) are given to the model in units of 30 days
 DT_SCALE_DAYS = 30.0
 SPLITS = ("train", "val")
+
+
+class InputAssembler:
+    """Builds the model input for one target date from a (T, C, h, w) series.
+
+    Parameters
+    ----------
+    channels
+        One dict per channel of the series (``name``, ``kind``), as in ``channels.json``.
+    dates
+        One dict per date of the series with ``start_time`` and ``sar_gap_days`` (None: no
+        paired SAR), in time order; time offsets are computed from ``start_time``.
+    stats
+        Normalisation statistics: the ``channels`` list of ``stats.json`` (dicts with
+        ``name``, ``mean``, ``std``) or a mapping ``name -> {"mean": .., "std": ..}``; every
+        channel but the ``valid`` one needs an entry.
+    k_neighbours
+        K previous and K next optical dates (>= 0).
+
+    :attr:`input_channels` names the input channels (see the module docstring for the order),
+    :attr:`target_channels` the optical bands, i.e. the model outputs.
+    """
+
+    def __init__(self, channels, dates, stats, k_neighbours):
+        if isinstance(k_neighbours, bool) or not isinstance(k_neighbours, numbers.Integral) \
+                or k_neighbours < 0:
+            raise ValueError(f"k_neighbours must be an integer >= 0, got {k_neighbours!r}")
+        self.k_neighbours = int(k_neighbours)
+        self.channels = [dict(ch) for ch in channels]
+        names = [str(ch["name"]) for ch in self.channels]
+        idx = channel_indices(self.channels)
+        if len(idx["valid"]) != 1 or not idx["optical"]:
+            raise ValueError("channels must hold exactly one 'valid' and at least one 'optical' "
+                             f"channel, got kinds {[ch['kind'] for ch in self.channels]}")
+        self._valid = idx["valid"][0]
+        self._optical = idx["optical"]
+        self._sar = idx["sar"]
+        self._static = idx["static"]
+
+        if isinstance(stats, dict):
+            by_name = {str(k): v for k, v in stats.items()}
+        else:
+            by_name = {str(c["name"]): c for c in stats}
+        missing = [n for i, n in enumerate(names) if i != self._valid and n not in by_name]
+        if missing:
+            raise ValueError(f"no normalisation statistics for channel(s) {missing}")
+        mean = np.zeros(len(names), dtype=np.float32)
+        std = np.ones(len(names), dtype=np.float32)
+        for i, n in enumerate(names):
+            if n in by_name:
+                mean[i], std[i] = by_name[n]["mean"], by_name[n]["std"]
+        self._mean, self._std = mean, std
+
+        dates = _check_dates(list(dates), len(dates))
+        self.n_dates = len(dates)
+        self._offsets = np.array([d["offset_days"] for d in dates], dtype=np.float64)
+        self._sar_gap = np.array([np.nan if d.get("sar_gap_days") is None
+                                  else float(d["sar_gap_days"]) for d in dates])
+
+        opt_names = [names[i] for i in self._optical]
+        valid_name = names[self._valid]
+        inputs = [f"{n}@t" for n in opt_names] + [f"{valid_name}@t"]
+        for tag in self.neighbour_tags():
+            inputs += [f"{n}@{tag}" for n in opt_names]
+            inputs += [f"{valid_name}@{tag}", f"dt@{tag}", f"present@{tag}"]
+        if self._sar:  # no SAR channels at all: no dt@sar either
+            inputs += [f"{names[i]}@sar" for i in self._sar] + ["dt@sar"]
+        inputs += [names[i] for i in self._static]
+        self.input_channels: list[str] = inputs
+        self.target_channels: list[str] = opt_names
+
+    # ---------------------------------------------------------------------------------------
+    def neighbour_tags(self) -> list[str]:
+        k = self.k_neighbours
+        return [f"t-{j}" for j in range(1, k + 1)] + [f"t+{j}" for j in range(1, k + 1)]
+
+    def neighbour_offsets(self) -> list[int]:
+        k = self.k_neighbours
+        return [-j for j in range(1, k + 1)] + [j for j in range(1, k + 1)]
+
+    @property
+    def n_input_channels(self) -> int:
+        return len(self.input_channels)
+
+    @property
+    def optical_indices(self) -> list[int]:
+        return list(self._optical)
+
+    @property
+    def valid_index(self) -> int:
+        return self._valid
+
+    def target_mean_std(self) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and std of the target (optical) bands, float32 (n_optical,)."""
+        return self._mean[self._optical].copy(), self._std[self._optical].copy()
+
+    def clear(self, date_block: np.ndarray) -> np.ndarray:
+        """Clear mask (h, w) of one date's (C, h, w) block."""
+        return clear_mask(date_block, self._valid, self._optical)
+
+    def normalise(self, x: np.ndarray, channels) -> np.ndarray:
+        """(len(channels), h, w) -> normalised float32 with NaN -> 0."""
+        ch = list(channels)
+        out = (x - self._mean[ch, None, None]) / self._std[ch, None, None]
+        return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32, copy=False)
+
+    def _date(self, series, d: int, cache):
+        """(block (C, h, w), clear (h, w), normalised optical (n_optical, h, w)) of date d."""
+        if cache is not None and d in cache:
+            return cache[d]
+        block = np.asarray(series[d], dtype=np.float32)
+        out = (block, self.clear(block), self.normalise(block[self._optical], self._optical))
+        if cache is not None:
+            cache[d] = out
+        return out
+
+    def build(self, series, t: int, hide=None, cache=None):
+        """Input for target date ``t`` of ``series`` (T, C, h, w), T = len(dates).
+
+        Only dates t and t +- 1..K are read, so ``series`` may be a memory map. ``hide`` (h, w)
+        bool, optional: pixels to hide at t on top of the unclear ones (artificial masking).
+        ``cache``, optional: a dict kept by the caller while it builds several target dates of
+        the *same* series; each date is then read and normalised once.
+
+        Returns ``(image, mask, target, target_valid)``: float32 (C_in, h, w); bool (h, w), the
+        clear mask at t after hiding; float32 (n_optical, h, w), the normalised optical bands at
+        t (NaN -> 0, unclear pixels keep their values); bool (h, w), the clear mask at t.
+        """
+        n_dates = self.n_dates
+        if len(series) != n_dates:
+            raise ValueError(f"series has {len(series)} dates, expected {n_dates}")
+        t = int(t)
+        if not 0 <= t < n_dates:
+            raise IndexError(f"date {t} out of range for {n_dates} dates")
+        cur, target_valid, target = self._date(series, t, cache)
+        h, w = cur.shape[-2:]
+        n_opt = len(self._optical)
+        image = np.zeros((self.n_input_channels, h, w), dtype=np.float32)
+
+        mask = target_valid.copy()
+        if hide is not None:
+            mask &= ~np.asarray(hide, dtype=bool)
+        image[:n_opt] = np.where(mask, target, 0.0)
+        image[n_opt] = mask
+        c = n_opt + 1
+        for off in self.neighbour_offsets():
+            d = t + off
+            if 0 <= d < n_dates:
+                _, nb_clear, bands = self._date(series, d, cache)
+                image[c:c + n_opt] = np.where(nb_clear, bands, 0.0)
+                image[c + n_opt] = nb_clear
+                image[c + n_opt + 1] = (self._offsets[d] - self._offsets[t]) / DT_SCALE_DAYS
+                image[c + n_opt + 2] = 1.0
+            c += n_opt + 3
+        n_sar = len(self._sar)
+        gap = self._sar_gap[t]
+        if n_sar:
+            if np.isfinite(gap):
+                image[c:c + n_sar] = self.normalise(cur[self._sar], self._sar)
+                image[c + n_sar] = gap / DT_SCALE_DAYS
+            c += n_sar + 1
+        if self._static:
+            image[c:c + len(self._static)] = self.normalise(cur[self._static], self._static)
+            c += len(self._static)
+        assert c == self.n_input_channels
+        if cache is not None:  # never hand out the cached arrays themselves
+            target, target_valid = target.copy(), target_valid.copy()
+        return image, mask, np.ascontiguousarray(target), target_valid
+
+
+def build_input(series, t, channels, dates, stats, k_neighbours, hide=None):
+    """Shortcut for ``InputAssembler(channels, dates, stats, k_neighbours).build(series, t, hide)``
+    (builds the assembler on every call: keep an :class:`InputAssembler` for many calls)."""
+    return InputAssembler(channels, dates, stats, k_neighbours).build(series, t, hide)
+
 
 
 class GapFillDataset(Dataset):
@@ -129,17 +310,9 @@ class GapFillDataset(Dataset):
         if stat_names != names:
             raise ValueError(f"{root}: stats.json channels {stat_names} do not match "
                              f"channels.json {names}")
-        self._mean = np.array([c["mean"] for c in stats["channels"]], dtype=np.float32)
-        self._std = np.array([c["std"] for c in stats["channels"]], dtype=np.float32)
-        idx = channel_indices(self.channels)
-        self._valid = idx["valid"][0]
-        self._optical = idx["optical"]
-        self._sar = idx["sar"]
-        self._static = idx["static"]
+        self.assembler = InputAssembler(self.channels, self.dates, stats["channels"],
+                                        self.k_neighbours)
         self.n_dates = len(self.dates)
-        self._offsets = np.array([d["offset_days"] for d in self.dates], dtype=np.float64)
-        self._sar_gap = np.array([np.nan if d.get("sar_gap_days") is None
-                                  else float(d["sar_gap_days"]) for d in self.dates])
 
         index = pd.read_csv(root / INDEX_FILE, dtype={"tile": np.int64, "row": np.int64,
                                                        "col": np.int64, "split": str})
@@ -159,30 +332,13 @@ class GapFillDataset(Dataset):
             logger.warning("GapFillDataset(%s, split=%r): no sample (no tile in that split, or "
                            "no date with >= %.3f clear pixels)", root, split, min_target_valid)
 
-        opt_names = [names[i] for i in self._optical]
-        valid_name = names[self._valid]
-        inputs = [f"{n}@t" for n in opt_names] + [f"{valid_name}@t"]
-        for tag in self._neighbour_tags():
-            inputs += [f"{n}@{tag}" for n in opt_names]
-            inputs += [f"{valid_name}@{tag}", f"dt@{tag}", f"present@{tag}"]
-        if self._sar:  # no SAR channels at all: no dt@sar either
-            inputs += [f"{names[i]}@sar" for i in self._sar] + ["dt@sar"]
-        inputs += [names[i] for i in self._static]
-        self.input_channels: list[str] = inputs
-        self.target_channels: list[str] = opt_names
+        self.input_channels: list[str] = list(self.assembler.input_channels)
+        self.target_channels: list[str] = list(self.assembler.target_channels)
 
         self._array = None  # opened lazily, once per process
         self._array_pid = None
 
     # ---------------------------------------------------------------------------------------
-    def _neighbour_tags(self) -> list[str]:
-        k = self.k_neighbours
-        return [f"t-{j}" for j in range(1, k + 1)] + [f"t+{j}" for j in range(1, k + 1)]
-
-    def _neighbour_offsets(self) -> list[int]:
-        k = self.k_neighbours
-        return [-j for j in range(1, k + 1)] + [j for j in range(1, k + 1)]
-
     @property
     def n_input_channels(self) -> int:
         return len(self.input_channels)
@@ -215,12 +371,6 @@ class GapFillDataset(Dataset):
             self._array_pid = pid
         return self._array
 
-    def _normalise(self, x: np.ndarray, channels) -> np.ndarray:
-        """(len(channels), s, s) -> normalised float32 with NaN -> 0."""
-        ch = list(channels)
-        out = (x - self._mean[ch, None, None]) / self._std[ch, None, None]
-        return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32, copy=False)
-
     # ---------------------------------------------------------------------------------------
     def __getitem__(self, index):
         if isinstance(index, torch.Tensor):
@@ -233,7 +383,7 @@ class GapFillDataset(Dataset):
         tile_id = int(self._tile_ids[row])
         n_dates = self.n_dates
 
-        # artificial masking: decide first, so the extra date is read in the same go
+        # artificial masking: which other date lends its real cloud mask
         other = -1
         if self.extra_mask_fraction > 0 and n_dates > 1:
             seed = None if self.extra_mask_seed is None else [self.extra_mask_seed, index]
@@ -242,47 +392,11 @@ class GapFillDataset(Dataset):
                 other = int(rng.integers(n_dates - 1))
                 other += other >= t  # any date but t
 
-        offs = self._neighbour_offsets()
-        neighbours = [t + o for o in offs]
-        needed = sorted({t, *(d for d in neighbours if 0 <= d < n_dates),
-                         *([other] if other >= 0 else [])})
-        block = np.asarray(self._tiles()[tile_id, needed], dtype=np.float32)  # one read
-        pos = {d: i for i, d in enumerate(needed)}
-        clear = clear_mask(block, self._valid, self._optical)  # (len(needed), s, s)
-
-        s = self.size
-        n_opt = len(self._optical)
-        image = np.zeros((self.n_input_channels, s, s), dtype=np.float32)
-
-        cur = block[pos[t]]
-        target_valid = clear[pos[t]]
-        mask = target_valid.copy()
+        series = self._tiles()[tile_id]  # (T, C, s, s) memmap view: only the dates used are read
+        hide = None
         if other >= 0:
-            mask &= clear[pos[other]]
-        target = self._normalise(cur[self._optical], self._optical)
-        image[:n_opt] = np.where(mask, target, 0.0)
-        image[n_opt] = mask
-        c = n_opt + 1
-        for off, d in zip(offs, neighbours):
-            if 0 <= d < n_dates:
-                nb_clear = clear[pos[d]]
-                bands = self._normalise(block[pos[d]][self._optical], self._optical)
-                image[c:c + n_opt] = np.where(nb_clear, bands, 0.0)
-                image[c + n_opt] = nb_clear
-                image[c + n_opt + 1] = (self._offsets[d] - self._offsets[t]) / DT_SCALE_DAYS
-                image[c + n_opt + 2] = 1.0
-            c += n_opt + 3
-        n_sar = len(self._sar)
-        gap = self._sar_gap[t]
-        if n_sar:
-            if np.isfinite(gap):
-                image[c:c + n_sar] = self._normalise(cur[self._sar], self._sar)
-                image[c + n_sar] = gap / DT_SCALE_DAYS
-            c += n_sar + 1
-        if self._static:
-            image[c:c + len(self._static)] = self._normalise(cur[self._static], self._static)
-            c += len(self._static)
-        assert c == self.n_input_channels
+            hide = ~self.assembler.clear(np.asarray(series[other], dtype=np.float32))
+        image, mask, target, target_valid = self.assembler.build(series, t, hide)
 
         metadata = {
             "tile": tile_id,
@@ -295,7 +409,7 @@ class GapFillDataset(Dataset):
         return {
             "image": torch.from_numpy(image),
             "mask": torch.from_numpy(mask[None].astype(np.float32)),
-            "target": torch.from_numpy(np.ascontiguousarray(target)),
+            "target": torch.from_numpy(target),
             "target_valid": torch.from_numpy(target_valid[None].astype(np.float32)),
             "metadata": metadata,
         }
