@@ -11,10 +11,12 @@ configfile: "config/config.yaml"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/ingest.smk"
 include: "workflow/rules/bridge.smk"
+include: "workflow/rules/model.smk"
+include: "workflow/rules/benchmark.smk"
 
 
 rule all:
     input:
-        stage_targets("ingest"),
-        stage_targets("tiles"),
+        stage_targets("register"),
+        stage_targets("benchmark"),
     default_target: True

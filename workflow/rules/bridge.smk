@@ -55,22 +55,43 @@ rule groups:
         "../scripts/groups.py"
 
 
-rule tiles:
+rule cube:
     input:
         project=f"{RESULTS}/ingest/project.json",
         groups=f"{RESULTS}/groups/groups.json",
     output:
-        tiles=f"{RESULTS}/tiles/tiles.npy",
-        index=f"{RESULTS}/tiles/index.csv",
-        channels=f"{RESULTS}/tiles/channels.json",
-        stats=f"{RESULTS}/tiles/stats.json",
+        cube=f"{RESULTS}/cube/cube.npy",
+        meta=f"{RESULTS}/cube/cube.json",
     log:
-        f"{LOGS}/tiles/tiles.log",
+        f"{LOGS}/cube/cube.log",
     benchmark:
-        f"{BENCH}/tiles/tiles.tsv"
+        f"{BENCH}/cube/cube.tsv"
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=20,
+    conda:
+        "../../envs/grass.yaml"
+    script:
+        "../scripts/cube.py"
+
+
+rule export_tiles:
+    input:
+        cube=f"{RESULTS}/cube/cube.npy",
+        hidden=hidden_cells,
+    output:
+        tiles=f"{RESULTS}/{{variant}}/tiles/tiles.npy",
+        index=f"{RESULTS}/{{variant}}/tiles/index.csv",
+        channels=f"{RESULTS}/{{variant}}/tiles/channels.json",
+        stats=f"{RESULTS}/{{variant}}/tiles/stats.json",
+    log:
+        f"{LOGS}/{{variant}}/tiles.log",
+    benchmark:
+        f"{BENCH}/{{variant}}/tiles.tsv"
     params:
         tiles=config["tiles"],
-    threads: 2
+    threads: 1
     resources:
         mem_mb=4000,
         runtime=20,
@@ -79,3 +100,7 @@ rule tiles:
     script:
         "../scripts/tiles.py"
 
+
+rule tiles:
+    input:
+        stage_targets("tiles"),

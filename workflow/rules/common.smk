@@ -42,12 +42,29 @@ def manifest_file(wildcards=None):
     return []
 
 
+def hidden_cells(wildcards):
+    """The benchmark's hidden cells, for the heldout variant only."""
+    return [f"{RESULTS}/heldout/hidden.npy"] if wildcards.variant == "heldout" else []
+
+
+def synthetic_truth_manifest(wildcards):
+    return [f"{RESULTS}/scene/truth/manifest.csv"] if INPUT == "synthetic" else []
+
+
+wildcard_constraints:
+    variant="main|heldout",
+
+
 def stage_targets(stage):
     """The files that make up a stage; `rule <stage>` and `rule all` request them."""
     targets = {
         "ingest": [f"{RESULTS}/ingest/{s}.json" for s in SENSORS],
         "pairing": [f"{RESULTS}/pairing/pairs.csv"],
         "groups": [f"{RESULTS}/groups/groups.json"],
-        "tiles": [f"{RESULTS}/tiles/index.csv"],
+        "tiles": [f"{RESULTS}/main/tiles/index.csv"],
+        "train": [f"{RESULTS}/main/model/model.pt"],
+        "infer": [f"{RESULTS}/main/infer/filled.npy"],
+        "register": [f"{RESULTS}/register/filled.json"],
+        "benchmark": [f"{RESULTS}/benchmark/summary.md"],
     }
     return targets[stage]

@@ -1,9 +1,11 @@
-"""Rule tiles: (T, C, H, W) tiles over the region, spatially blocked split, statistics on train."""
-import json
+"""Rule export_tiles: (T, C, H, W) tiles, spatially blocked split, statistics on the training split."""
 from pathlib import Path
+
+import numpy as np
 
 from stfuse import bridge, logs
 
 logs.setup(snakemake.log[0])
-project = json.loads(Path(snakemake.input.project).read_text())
-bridge.tiles_step(project, snakemake.input.groups, Path(snakemake.output.tiles).parent, **snakemake.params.tiles)
+hidden = np.load(snakemake.input.hidden[0]) if snakemake.input.hidden else None
+bridge.tiles_step(Path(snakemake.input.cube).parent, Path(snakemake.output.tiles).parent, hidden=hidden,
+                  **snakemake.params.tiles)

@@ -1,0 +1,58 @@
+# Stage 8: hold out cells on clear dates, then score the model (trained without them) and the baselines.
+
+
+rule holdout:
+    input:
+        cube=f"{RESULTS}/cube/cube.npy",
+    output:
+        hidden=f"{RESULTS}/heldout/hidden.npy",
+    log:
+        f"{LOGS}/heldout/holdout.log",
+    benchmark:
+        f"{BENCH}/heldout/holdout.tsv"
+    params:
+        benchmark=config["benchmark"],
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../../envs/eval.yaml"
+    script:
+        "../scripts/holdout.py"
+
+
+rule score:
+    input:
+        cube=f"{RESULTS}/cube/cube.npy",
+        hidden=f"{RESULTS}/heldout/hidden.npy",
+        heldout=f"{RESULTS}/heldout/infer/filled.npy",
+        main=f"{RESULTS}/main/infer/filled.npy",
+        truth=synthetic_truth_manifest,
+    output:
+        scores=f"{RESULTS}/benchmark/scores.csv",
+        summary=report(f"{RESULTS}/benchmark/summary.md", caption="../report/summary.rst", category="Benchmark"),
+        by_gap=report(f"{RESULTS}/benchmark/by_gap.png", caption="../report/by_gap.rst", category="Benchmark"),
+        quicklook=report(
+            f"{RESULTS}/benchmark/quicklook.png", caption="../report/quicklook.rst", category="Benchmark"
+        ),
+    log:
+        f"{LOGS}/benchmark/score.log",
+    benchmark:
+        f"{BENCH}/benchmark/score.tsv"
+    params:
+        benchmark=config["benchmark"],
+        optical=config["sensors"][OPTICAL[0]],
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=30,
+    conda:
+        "../../envs/eval.yaml"
+    script:
+        "../scripts/score.py"
+
+
+rule benchmark:
+    input:
+        stage_targets("benchmark"),

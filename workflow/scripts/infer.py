@@ -1,0 +1,17 @@
+"""Rule predict: blended tiled inference over the whole region for every optical date."""
+from pathlib import Path
+
+import numpy as np
+
+from stfuse import bridge, infer, logs
+
+logs.setup(snakemake.log[0])
+hidden = np.load(snakemake.input.hidden[0]) if snakemake.input.hidden else None
+cube, meta = bridge.load_cube(Path(snakemake.input.cube).parent, hidden)
+params = snakemake.params.infer
+result = infer.predict_cube(snakemake.input.model, cube, meta["channels"], meta["dates"],
+                            overlap=params["overlap"], batch_size=params["batch_size"], device=params["device"],
+                            threads=snakemake.threads)
+np.save(snakemake.output.filled, result["filled"])
+np.save(snakemake.output.prediction, result["prediction"])
+np.save(snakemake.output.flags, result["filled_flag"])
