@@ -11,7 +11,7 @@ rule holdout:
     benchmark:
         f"{BENCH}/heldout/holdout.tsv"
     params:
-        benchmark=config["benchmark"],
+        benchmark=section("benchmark"),
     threads: 1
     resources:
         mem_mb=2000,
@@ -41,8 +41,8 @@ rule score:
     benchmark:
         f"{BENCH}/benchmark/score.tsv"
     params:
-        benchmark=config["benchmark"],
-        optical=config["sensors"][OPTICAL[0]],
+        benchmark=section("benchmark"),
+        optical=section("sensors", OPTICAL[0]),
     threads: 1
     resources:
         mem_mb=8000,

@@ -19,7 +19,7 @@ rule pairing:
     benchmark:
         f"{BENCH}/pairing/pairing.tsv"
     params:
-        pairing=config["pairing"],
+        pairing=section("pairing"),
     threads: 1
     resources:
         mem_mb=2000,
@@ -44,7 +44,7 @@ rule groups:
     benchmark:
         f"{BENCH}/groups/groups.tsv"
     params:
-        static=config["static"],
+        static=section("static"),
     threads: 1
     resources:
         mem_mb=2000,
@@ -90,7 +90,7 @@ rule export_tiles:
     benchmark:
         f"{BENCH}/{{variant}}/tiles.tsv"
     params:
-        tiles=config["tiles"],
+        tiles=section("tiles"),
     threads: 1
     resources:
         mem_mb=4000,

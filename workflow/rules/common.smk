@@ -33,6 +33,23 @@ else:
     GRASS_PROJECT = str(Path(RESULTS, "grassdata", STUDY).resolve())
 
 
+def section(*keys):
+    """A config section with keys in sorted order, so that reordering a YAML file never looks like a
+    params change to Snakemake (it compares params as text)."""
+
+    def canon(value):
+        if isinstance(value, dict):
+            return {k: canon(value[k]) for k in sorted(value)}
+        if isinstance(value, list):
+            return [canon(v) for v in value]
+        return value
+
+    value = config
+    for key in keys:
+        value = value.get(key, {}) if isinstance(value, dict) else {}
+    return canon(value)
+
+
 def manifest_file(wildcards=None):
     """The manifest ingest reads: the generated demo scene's, or the user's."""
     if INPUT == "synthetic":

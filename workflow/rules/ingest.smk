@@ -11,7 +11,7 @@ rule scene:
     benchmark:
         f"{BENCH}/scene/scene.tsv"
     params:
-        synthetic=config["input"].get("synthetic", {}),
+        synthetic=section("input", "synthetic"),
     threads: 1
     resources:
         mem_mb=1000,
@@ -32,9 +32,9 @@ rule ingest_project:
     benchmark:
         f"{BENCH}/ingest/project.tsv"
     params:
-        input=config["input"],
-        sensors=config["sensors"],
-        region=config["region"],
+        input=section("input"),
+        sensors=section("sensors"),
+        region=section("region"),
         project=GRASS_PROJECT,
         checked=f"{RESULTS}/ingest/checked_manifest.csv",
     threads: 1
@@ -57,7 +57,7 @@ rule ingest_sensor:
     benchmark:
         f"{BENCH}/ingest/{{sensor}}.tsv"
     params:
-        sensors=config["sensors"],
+        sensors=section("sensors"),
         checked=f"{RESULTS}/ingest/checked_manifest.csv",
     wildcard_constraints:
         sensor="|".join(SENSORS),

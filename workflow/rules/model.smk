@@ -21,8 +21,8 @@ rule train_model:
     benchmark:
         f"{BENCH}/{{variant}}/train.tsv"
     params:
-        train=config["train"],
-        k_neighbours=config["pairing"]["neighbours"],
+        train=section("train"),
+        k_neighbours=section("pairing", "neighbours"),
     threads: 2
     resources:
         mem_mb=8000,
@@ -47,7 +47,7 @@ rule predict:
     benchmark:
         f"{BENCH}/{{variant}}/infer.tsv"
     params:
-        infer=config["infer"],
+        infer=section("infer"),
     threads: 2
     resources:
         mem_mb=8000,

@@ -1,0 +1,73 @@
+"""The whole workflow for real on a tiny synthetic scene: every stage, then reruns and a parameter change."""
+
+import json
+import re
+
+import pandas as pd
+import pytest
+import yaml
+
+from _scene import write_config
+from test_workflow_ingest import run_snakemake
+
+pytestmark = [pytest.mark.workflow, pytest.mark.grass, pytest.mark.slow]
+
+TINY = {"synthetic": {"width": 32, "height": 32, "start": "2021-05-01", "end": "2021-06-30", "seed": 1}}
+FAST = dict(
+    tiles={"size": 16, "overlap": 0, "block_size": 16, "val_fraction": 0.25, "seed": 0, "min_valid_fraction": 0.0},
+    train={"epochs": 2, "batch_size": 8, "model_params": {"base_channels": 8, "depth": 2}},
+    benchmark={"min_clear": 0.8, "quicklook_dates": 2},
+)
+
+
+def planned_jobs(proc) -> dict:
+    """job counts from a dry run's 'Job stats' table"""
+    text = proc.stdout + proc.stderr
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", text, re.M) if m.group(1) != "total"}
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("full")
+    cfg = write_config(work / "tiny.yaml", "tiny", TINY, **FAST)
+    proc = run_snakemake(work, cfg)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return work, cfg
+
+
+def test_every_stage_produces_its_outputs(demo_run):
+    work, _ = demo_run
+    res = work / "results" / "tiny"
+    filled = json.loads((res / "register/filled.json").read_text())
+    assert filled["strds"] == "S2_filled@register" and len(filled["granules"]) > 5
+    scores = pd.read_csv(res / "benchmark/scores.csv")
+    assert set(scores.method) == {"nearest", "linear", "whittaker", "sar_regression", "stfuse_model"}
+    assert set(scores.protocol) == {"transplanted clouds", "real clouds (synthetic truth)"}
+    assert "| stfuse_model |" in (res / "benchmark/summary.md").read_text()
+    for png in ("benchmark/by_gap.png", "benchmark/quicklook.png", "main/model/loss.png", "heldout/model/loss.png"):
+        assert (res / png).stat().st_size > 5000
+    assert "epoch 2/2" in (work / "logs/tiny/main/train.log").read_text()
+
+
+def test_rerun_does_nothing_and_a_tile_change_reruns_only_what_depends_on_it(demo_run):
+    work, cfg = demo_run
+    again = run_snakemake(work, cfg, extra=["--dry-run"])
+    assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
+    config = yaml.safe_load(cfg.read_text())
+    config["tiles"]["size"] = 8
+    changed = work / "changed.yaml"
+    changed.write_text(yaml.safe_dump(config))
+    plan = run_snakemake(work, changed, extra=["--dry-run"])
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    jobs = planned_jobs(plan)
+    assert jobs.get("export_tiles") == 2 and jobs.get("train_model") == 2
+    for upstream in ("scene", "ingest_project", "ingest_sensor", "pairing", "groups", "cube", "holdout"):
+        assert upstream not in jobs, f"{upstream} would rerun after a tile-size change"
+
+
+def test_report_html(demo_run):
+    work, cfg = demo_run
+    proc = run_snakemake(work, cfg, extra=["--report", str(work / "report.html")])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    html = (work / "report.html").read_text(errors="replace")
+    assert "quicklook" in html and "Benchmark" in html
