@@ -83,3 +83,14 @@ def test_bad_manifest_fails_before_grass_is_touched(tmp_path):
     log = (tmp_path / "logs/broken/ingest/project.log").read_text()
     assert "m.csv:8: file" in log and "VH.tif does not exist" in log
     assert not (tmp_path / "results/broken/grassdata").exists()
+
+
+def test_study_config_replaces_the_demo_config():
+    """--configfile gives a study; the demo config must not be merged into it (inputs would clash)."""
+    study = ROOT / "config" / "studies" / "mol_2023.yaml"
+    proc = subprocess.run([str(SNAKEMAKE), "--dry-run", "--cores", "1", "--configfile", str(study)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "results/mol_2023/" in out and "results/demo/" not in out
+    assert "rule scene:" not in out

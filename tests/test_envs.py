@@ -1,0 +1,67 @@
+"""Per-step conda envs: every rule that runs code names one, every env parses, every pin is exact and
+agrees with the pip lock used here (requirements.txt)."""
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from _scene import ROOT
+
+ENVS = sorted((ROOT / "envs").glob("*.yaml"))
+# conda-forge name -> PyPI name where they differ
+CONDA_TO_PIP = {"pytorch": "torch", "pyyaml": "PyYAML"}
+NOT_ON_PYPI = {"python", "grass", "pip"}
+
+
+def lock() -> dict:
+    pins = {}
+    for line in (ROOT / "requirements.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, version = line.split("==")
+            pins[name.lower().replace("_", "-")] = version
+    return pins
+
+
+def rule_blocks():
+    for smk in sorted((ROOT / "workflow" / "rules").glob("*.smk")):
+        text = smk.read_text()
+        for m in re.finditer(r"^rule (\w+):\n(.*?)(?=^rule |\Z)", text, re.M | re.S):
+            yield smk.name, m.group(1), m.group(2)
+
+
+def test_every_rule_that_runs_code_names_an_existing_env():
+    checked = 0
+    for smk, rule, body in rule_blocks():
+        if not re.search(r"^\s+(script|shell|run):", body, re.M):
+            continue  # target rules only collect inputs
+        m = re.search(r'^\s+conda:\n\s+"([^"]+)"', body, re.M)
+        assert m, f"{smk}: rule {rule} names no conda env"
+        assert (ROOT / "workflow" / "rules" / m.group(1)).resolve().is_file(), f"{smk}: rule {rule}: {m.group(1)}"
+        checked += 1
+    assert checked >= 10
+
+
+@pytest.mark.parametrize("env", ENVS, ids=lambda p: p.name)
+def test_env_parses_with_exact_pins_matching_the_lock(env):
+    spec = yaml.safe_load(env.read_text())
+    assert spec["channels"] == ["conda-forge", "nodefaults"]
+    pins = lock()
+    for dep in spec["dependencies"]:
+        if isinstance(dep, dict):
+            for pip_dep in dep["pip"]:
+                if pip_dep.startswith("-e "):
+                    continue
+                name, _, version = pip_dep.partition("==")
+                assert version and not re.search(r"[*<>!~,]", version), f"{env.name}: {pip_dep} is not an exact pin"
+                assert pins[name.lower()] == version, f"{env.name}: {pip_dep} vs lock {pins[name.lower()]}"
+            continue
+        name, sep, version = dep.partition("=")
+        assert sep and re.fullmatch(r"\d+(\.\d+)*", version), f"{env.name}: {dep} is not an exact pin"
+        if name in NOT_ON_PYPI:
+            continue
+        pip_name = CONDA_TO_PIP.get(name, name).lower().replace("_", "-")
+        assert pip_name in pins, f"{env.name}: {name} is not in requirements.txt"
+        assert pins[pip_name] == version, f"{env.name}: {name}={version} but requirements.txt has {pins[pip_name]}"
