@@ -35,3 +35,14 @@ def write_config(path: Path, study: str, input_: dict, **extra) -> Path:
     cfg.update(extra)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
+
+
+def ingest_tiny(root: Path, **scene_kw):
+    """A tiny scene ingested into a fresh GRASS project under root: (manifest, project state, sensor states)."""
+    from stfuse import ingest
+
+    scene = tiny_scene(root / "scene", **scene_kw)
+    checked = root / "checked.csv"
+    project = ingest.prepare_project(scene, sensors(), {}, root / "grassdata" / "tiny", checked)
+    states = {s: ingest.ingest_sensor(project, checked, s, spec) for s, spec in sensors().items()}
+    return scene, project, states

@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stfuse import bridge, grass, ingest, temporal, tiles
+from stfuse import bridge, grass, temporal, tiles
 
-from _scene import sensors, tiny_scene
+from _scene import ingest_tiny
 
 pytestmark = pytest.mark.grass
 
@@ -16,9 +16,7 @@ pytestmark = pytest.mark.grass
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     root = tmp_path_factory.mktemp("bridge")
-    scene = tiny_scene(root / "scene")
-    state = ingest.prepare_project(scene, sensors(), {}, root / "grassdata" / "tiny", root / "checked.csv")
-    states = {s: ingest.ingest_sensor(state, root / "checked.csv", s, spec) for s, spec in sensors().items()}
+    scene, state, states = ingest_tiny(root)
     return root, scene, state, states
 
 
@@ -92,7 +90,8 @@ def test_tiles_reassemble_to_the_grass_cube(project, paired):
     np.testing.assert_array_equal(np.load(root / "cube" / "cube.npy"), cube)
     arr, index, channels, stats = tiles.load_tiles(root / "tiles")
     origins = list(zip(index.row, index.col))
-    back = tiles.reassemble(np.asarray(arr), origins, 32, 32)
+    # tiles hold the cube's channels first (derived channels such as the temporal prior may follow)
+    back = tiles.reassemble(np.asarray(arr), origins, 32, 32)[:, : cube.shape[1]]
     assert len(index) == 16  # 4 x 4 tiles of 8, no overlap: none dropped as a gap
     np.testing.assert_array_equal(np.isnan(back), np.isnan(cube))
     np.testing.assert_array_equal(back[~np.isnan(back)], cube[~np.isnan(cube)])

@@ -10,7 +10,7 @@ import rasterio
 
 from stfuse import existing, grass, ingest, manifest
 
-from _scene import sensors, tiny_scene
+from _scene import ingest_tiny, sensors
 
 pytestmark = pytest.mark.grass
 
@@ -18,11 +18,7 @@ pytestmark = pytest.mark.grass
 @pytest.fixture(scope="module")
 def ingested(tmp_path_factory):
     """A tiny scene ingested into a fresh project; returns (manifest path, project state, sensor states)."""
-    root = tmp_path_factory.mktemp("ingest")
-    scene = tiny_scene(root / "scene")
-    project = ingest.prepare_project(scene, sensors(), {}, root / "grassdata" / "tiny", root / "checked.csv")
-    states = {s: ingest.ingest_sensor(project, root / "checked.csv", s, spec) for s, spec in sensors().items()}
-    return scene, project, states
+    return ingest_tiny(tmp_path_factory.mktemp("ingest"))
 
 
 def _stamp(map_id):
@@ -112,11 +108,7 @@ def _tree_hash(path):
 @pytest.fixture(scope="module")
 def user_project(tmp_path_factory):
     """A user's own project: PERMANENT plus a mapset 'field' holding the STRDS (no stfuse markers)."""
-    root = tmp_path_factory.mktemp("user")
-    scene = tiny_scene(root / "scene", seed=5)
-    project = ingest.prepare_project(scene, sensors(), {}, root / "grassdata" / "user", root / "checked.csv")
-    for s, spec in sensors().items():
-        ingest.ingest_sensor(project, root / "checked.csv", s, spec)
+    _, project, _ = ingest_tiny(tmp_path_factory.mktemp("user"), seed=5)
     path = grass.Path(project["project"])
     # Make it look like any user's project: one user mapset with both STRDS, no stfuse markers.
     (path / ingest.PROJECT_MARKER).unlink()

@@ -4,9 +4,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stfuse import grass, grassio, ingest, register
+from stfuse import grass, grassio, register
 
-from _scene import sensors, tiny_scene
+from _scene import ingest_tiny
 
 pytestmark = pytest.mark.grass
 
@@ -14,9 +14,7 @@ pytestmark = pytest.mark.grass
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory):
     root = tmp_path_factory.mktemp("register")
-    scene = tiny_scene(root / "scene")
-    project = ingest.prepare_project(scene, sensors(), {}, root / "grassdata" / "tiny", root / "checked.csv")
-    states = {s: ingest.ingest_sensor(project, root / "checked.csv", s, spec) for s, spec in sensors().items()}
+    scene, project, states = ingest_tiny(root)
     dates = [{"start_time": g["start_time"]} for g in states["S2"]["granules"]]
     rng = np.random.default_rng(0)
     filled = rng.uniform(0, 0.5, (len(dates), 4, 32, 32)).astype(np.float32)
