@@ -30,8 +30,11 @@ def planned_jobs(proc) -> dict:
 def demo_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("full")
     cfg = write_config(work / "tiny.yaml", "tiny", TINY, **FAST)
-    proc = run_snakemake(work, cfg)
+    # More cores than the machine has: as many jobs side by side as the DAG allows (parallel safety).
+    proc = run_snakemake(work, cfg, cores=4)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    logs = "".join(p.read_text(errors="replace") for p in (work / "logs").rglob("*.log"))
+    assert "database is locked" not in logs and ".gislock" not in logs
     return work, cfg
 
 

@@ -14,8 +14,8 @@ pytestmark = [pytest.mark.workflow, pytest.mark.grass]
 SNAKEMAKE = Path(sys.executable).with_name("snakemake")
 
 
-def run_snakemake(workdir: Path, configfile: Path, *targets: str, extra=()):
-    cmd = [str(SNAKEMAKE), "-s", str(ROOT / "Snakefile"), "--directory", str(workdir), "--cores", "2",
+def run_snakemake(workdir: Path, configfile: Path, *targets: str, extra=(), cores: int = 2):
+    cmd = [str(SNAKEMAKE), "-s", str(ROOT / "Snakefile"), "--directory", str(workdir), "--cores", str(cores),
            *targets, *extra, "--configfile", str(configfile)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
 
