@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from stfuse.dataset import DT_SCALE_DAYS, GapFillDataset
+from stfuse.dataset import DT_SCALE_DAYS, GapFillDataset, InputAssembler
+from stfuse.prior import temporal_prior
 from stfuse.tiles import export_tiles
 
 OFFSETS = [0.0, 5.0, 10.0, 20.0, 25.0, 35.0, 40.5]  # days after the first date
@@ -65,14 +66,30 @@ DATES = build_dates()
 CLEAR = (CUBE[:, 2] == 1) & np.isfinite(CUBE[:, 0]) & np.isfinite(CUBE[:, 1])  # (T, H, W)
 
 
-@pytest.fixture(scope="module")
-def tiles_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiles")
+def cube_channels():
     channels = [{"name": n, "sensor": "S2" if k in ("optical", "valid") else "S1", "kind": k}
                 for n, k in zip(NAMES, KINDS)]
     channels[-1]["sensor"] = "static"
-    export_tiles(CUBE, channels, DATES, out, size=SIZE, overlap=0, min_valid_fraction=0.0,
+    return channels
+
+
+PRIOR, PRESENT = temporal_prior(CUBE, cube_channels(), DATES)  # (T, 2, H, W), (T, H, W)
+
+
+@pytest.fixture(scope="module")
+def tiles_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiles")
+    export_tiles(CUBE, cube_channels(), DATES, out, size=SIZE, overlap=0, min_valid_fraction=0.0,
                  block_size=SIZE, val_fraction=0.25, seed=0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def old_tiles_dir(tmp_path_factory):
+    """An export in the layout written before the temporal prior existed."""
+    out = tmp_path_factory.mktemp("old_tiles")
+    export_tiles(CUBE, cube_channels(), DATES, out, size=SIZE, overlap=0, min_valid_fraction=0.0,
+                 block_size=SIZE, val_fraction=0.25, seed=0, prior=False)
     return out
 
 
@@ -101,8 +118,10 @@ def test_channel_names_and_shapes(tiles_dir):
     expected = ["B04@t", "B08@t", "valid@t"]
     for tag in ("t-1", "t-2", "t+1", "t+2"):
         expected += [f"B04@{tag}", f"B08@{tag}", f"valid@{tag}", f"dt@{tag}", f"present@{tag}"]
-    expected += ["VV@sar", "VH@sar", "dt@sar", "dem"]
+    expected += ["VV@sar", "VH@sar", "dt@sar", "dem", "B04@prior", "B08@prior", "prior_present@t"]
     assert ds.input_channels == expected
+    assert ds.prior_input_indices == [len(expected) - 3, len(expected) - 2]
+    assert ds.present_input_index == len(expected) - 1
     assert ds.target_channels == ["B04", "B08"]
     s = ds[0]
     assert s["image"].shape == (len(expected), SIZE, SIZE) and s["image"].dtype == torch.float32
@@ -112,9 +131,12 @@ def test_channel_names_and_shapes(tiles_dir):
     assert set(s["metadata"]) == {"tile", "row", "col", "t", "start_time", "masked_with"}
     assert all(isinstance(v, (int, str)) for v in s["metadata"].values())
     assert GapFillDataset(tiles_dir, k_neighbours=0).input_channels == \
-        ["B04@t", "B08@t", "valid@t", "VV@sar", "VH@sar", "dt@sar", "dem"]
+        ["B04@t", "B08@t", "valid@t", "VV@sar", "VH@sar", "dt@sar", "dem",
+         "B04@prior", "B08@prior", "prior_present@t"]
     spec = ds.input_spec()
     assert spec["input_channels"] == expected and spec["dt_scale_days"] == DT_SCALE_DAYS
+    assert spec["residual"] == {"prior_indices": ds.prior_input_indices,
+                                "present_index": ds.present_input_index}
 
 
 def test_optical_only_export(tmp_path):
@@ -125,8 +147,9 @@ def test_optical_only_export(tmp_path):
     ds = GapFillDataset(tmp_path, k_neighbours=1)
     assert ds.input_channels == ["B04@t", "B08@t", "valid@t",
                                  "B04@t-1", "B08@t-1", "valid@t-1", "dt@t-1", "present@t-1",
-                                 "B04@t+1", "B08@t+1", "valid@t+1", "dt@t+1", "present@t+1"]
-    assert ds[0]["image"].shape == (13, SIZE, SIZE)
+                                 "B04@t+1", "B08@t+1", "valid@t+1", "dt@t+1", "present@t+1",
+                                 "B04@prior", "B08@prior", "prior_present@t"]
+    assert ds[0]["image"].shape == (16, SIZE, SIZE)
 
 
 def test_index_splits_and_min_target_valid(tiles_dir):
@@ -308,3 +331,73 @@ def test_dataloader_workers_match_single_process(tiles_dir, context):
     reference = _batches(ds, num_workers=0)
     ds[0]  # the memmap is open in this process: workers must still open their own
     _assert_same(reference, _batches(ds, num_workers=2, multiprocessing_context=context))
+
+
+# --------------------------------------------------------------------------- temporal prior
+
+def test_prior_inputs(tiles_dir):
+    """``<band>@prior`` is the whole-cube prior at t, normalised with its band's statistics."""
+    ds = GapFillDataset(tiles_dir, "train", min_target_valid=0.0)
+    seen_absent = 0
+    for i in range(len(ds)):
+        s = ds[i]
+        t, r, c = (s["metadata"][k] for k in ("t", "row", "col"))
+        present = PRESENT[t, r:r + SIZE, c:c + SIZE]
+        np.testing.assert_array_equal(chan(ds, s, "prior_present@t"), present.astype(np.float32))
+        for b, band in enumerate(("B04", "B08")):
+            got = chan(ds, s, f"{band}@prior")
+            want = norm(ds, band, PRIOR[t, b, r:r + SIZE, c:c + SIZE])
+            close(got[present], want[present])
+            assert not got[~present].any()  # no prior: 0
+        seen_absent += (~present).sum()
+    # every pixel is clear at several dates here, so every (date, pixel) has a prior
+    assert PRESENT.all() and seen_absent == 0
+
+
+def test_prior_is_untouched_by_artificial_masking(tiles_dir):
+    masked = GapFillDataset(tiles_dir, "train", extra_mask_fraction=1.0, extra_mask_seed=2)
+    plain = GapFillDataset(tiles_dir, "train")
+    idx = masked.prior_input_indices + [masked.present_input_index]
+    hidden = 0
+    for i in range(len(masked)):
+        a, b = masked[i], plain[i]
+        assert a["metadata"]["masked_with"] >= 0
+        hidden += int((b["mask"] - a["mask"]).sum())
+        assert torch.equal(a["image"][idx], b["image"][idx])
+    assert hidden > 0
+
+
+def test_prior_uses_band_statistics_and_handles_absence():
+    """The assembler normalises a prior with its band's mean/std, whatever the prior's own
+    entry says; where ``prior_present`` is 0 the prior input is 0 (even if a value is there)."""
+    channels = cube_channels() + [
+        {"name": "B04_prior", "kind": "prior", "band": "B04"},
+        {"name": "B08_prior", "kind": "prior", "band": "B08"},
+        {"name": "prior_present", "kind": "prior"}]
+    stats = {"B04": {"mean": 2.0, "std": 4.0}, "B08": {"mean": 10.0, "std": 2.0},
+             "VV": {"mean": 0.0, "std": 1.0}, "VH": {"mean": 0.0, "std": 1.0},
+             "dem": {"mean": 0.0, "std": 1.0}, "B04_prior": {"mean": 99.0, "std": 99.0}}
+    asm = InputAssembler(channels, DATES, stats, 0)
+    assert asm.has_prior and asm.residual_spec() == {"prior_indices": [7, 8], "present_index": 9}
+    series = np.zeros((T, len(channels), 4, 4), dtype=np.float32)
+    series[:, 2] = 1.0
+    series[:, 6] = 6.0  # B04 prior
+    series[:, 7] = 14.0  # B08 prior
+    series[:, 8] = 1.0
+    series[3, 8, 0, 0] = 0.0  # no prior at (0, 0) of date 3
+    series[3, 6, 1, 1] = np.nan  # NaN prior -> 0
+    image = asm.build(series, 3, hide=np.ones((4, 4), bool))[0]
+    np.testing.assert_allclose(image[7, 2:, 2:], (6.0 - 2.0) / 4.0)
+    np.testing.assert_allclose(image[8, 2:, 2:], (14.0 - 10.0) / 2.0)
+    assert image[7, 0, 0] == 0 and image[8, 0, 0] == 0 and image[9, 0, 0] == 0
+    assert image[7, 1, 1] == 0 and image[9, 1, 1] == 1
+    with pytest.raises(ValueError, match="one '<band>_prior' per optical band"):
+        InputAssembler(channels[:-2] + channels[-1:], DATES, stats, 0)
+
+
+def test_old_export_without_prior_still_loads(old_tiles_dir):
+    ds = GapFillDataset(old_tiles_dir, "train", k_neighbours=1)
+    assert not any("prior" in n for n in ds.input_channels)
+    assert ds.prior_input_indices == [] and ds.present_input_index is None
+    assert ds.input_spec()["residual"] is None
+    assert ds[0]["image"].shape == (ds.n_input_channels, SIZE, SIZE)

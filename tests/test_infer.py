@@ -8,6 +8,7 @@ import torch
 
 from stfuse.dataset import GapFillDataset, InputAssembler, build_input
 from stfuse.infer import blend_window, predict_cube
+from stfuse.prior import append_prior, temporal_prior
 from stfuse.train import load_checkpoint, torch_threads, train
 from test_train import FAST, OPTICAL, SIZE, H, W, T, export, make_cube
 
@@ -34,9 +35,35 @@ def ckpt(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(ckpt, scene):
-    """Prediction with one window covering the whole 32 x 32 region: no tile borders at all."""
-    return predict_cube(ckpt[0], *scene, tile_size=H, overlap=0)["prediction"]
+def plain_ckpt(ckpt, tmp_path_factory):
+    """A plain (non-residual) model on the same export: its whole output comes from the windows,
+    so tiling artefacts are large enough to measure (a briefly trained residual model adds only
+    a small correction to the per-pixel prior)."""
+    out = tmp_path_factory.mktemp("plain")
+    train(ckpt[2], out, epochs=10, residual=False, **FAST)
+    return load_checkpoint(out / "model.pt")
+
+
+@pytest.fixture(scope="module")
+def prior(scene):
+    """The temporal prior of the scene (T, B, H, W), physical units."""
+    return temporal_prior(*scene)[0]
+
+
+@pytest.fixture(scope="module")
+def base(ckpt, prior):
+    """What the residual model adds to the network's correction, in physical units: the prior
+    where it exists, the band mean (0 in normalised units) where it does not."""
+    mean = np.array([next(c["mean"] for c in ckpt[0]["stats"] if c["name"] == b)
+                     for b in OPTICAL], dtype=np.float32)
+    return np.where(np.isfinite(prior), prior, mean[None, :, None, None])
+
+
+@pytest.fixture(scope="module")
+def reference(plain_ckpt, scene):
+    """Prediction of the plain model with one window covering the whole 32 x 32 region: no tile
+    borders at all."""
+    return predict_cube(plain_ckpt, *scene, tile_size=H, overlap=0)["prediction"]
 
 
 def clear_of(cube):
@@ -74,6 +101,8 @@ def test_filled_keeps_observed_values_and_flags_the_rest(ckpt, scene):
 def test_same_input_assembly_as_the_dataset(ckpt, scene):
     """The inference input of a window equals the training sample of the same tile and date."""
     cube, channels, dates = scene
+    # the very function export_tiles and predict_cube use to add the prior channels
+    cube, channels = append_prior(cube, channels, dates)
     ds = GapFillDataset(ckpt[2], "train", k_neighbours=2)
     stats = load_checkpoint(ckpt[1])["stats"]
     asm = InputAssembler(channels, dates, stats, 2)
@@ -102,11 +131,11 @@ def _column_jumps(pred):
             np.abs(np.diff(pred, axis=2)).mean(axis=(0, 1, 3)))
 
 
-def test_no_seams_at_tile_borders(ckpt, scene, reference):
+def test_no_seams_at_tile_borders(plain_ckpt, scene, reference):
     scale = np.abs(reference - reference.mean(axis=(2, 3), keepdims=True)).mean()
-    blended = predict_cube(ckpt[0], *scene, tile_size=16, overlap=8)
+    blended = predict_cube(plain_ckpt, *scene, tile_size=16, overlap=8)
     assert blended["n_windows"] == 9
-    hard = predict_cube(ckpt[0], *scene, tile_size=16, overlap=0)  # hard cuts at row/col 16
+    hard = predict_cube(plain_ckpt, *scene, tile_size=16, overlap=0)  # hard cuts at row/col 16
     err_blend = np.abs(blended["prediction"] - reference)
     err_hard = np.abs(hard["prediction"] - reference)
     # per column / row: the worst place is still close to the single-window prediction
@@ -121,13 +150,24 @@ def test_no_seams_at_tile_borders(ckpt, scene, reference):
     assert jumps_hard[15] > 1.3  # between columns 15 and 16, where the hard cut is
 
 
-def test_two_tilings_agree(ckpt, scene, reference):
+def test_no_seams_in_the_residual_correction(ckpt, scene, base):
+    """The residual model's windows only carry the correction (the prior is per pixel, computed
+    on the whole cube before windowing): blended, it shows no seam either."""
+    single = predict_cube(ckpt[0], *scene, tile_size=H, overlap=0)["prediction"] - base
+    blended = predict_cube(ckpt[0], *scene, tile_size=16, overlap=8)["prediction"] - base
+    assert np.abs(single).mean() > 0  # trained: there is a correction
+    for got, ref in zip(_column_jumps(blended), _column_jumps(single)):
+        assert (got / ref).max() < 1.15, (got / ref).round(2)
+
+
+def test_two_tilings_agree(ckpt, plain_ckpt, scene, reference):
     scale = np.abs(reference - reference.mean(axis=(2, 3), keepdims=True)).mean()
-    a = predict_cube(ckpt[0], *scene, tile_size=16, overlap=8)["prediction"]
-    b = predict_cube(ckpt[0], *scene, tile_size=16, overlap=12, batch_size=1)["prediction"]
-    diff = np.abs(a - b)
-    assert diff.mean() < 0.05 * scale
-    assert np.percentile(diff, 99) < 0.3 * scale and diff.max() < scale
+    for model in (plain_ckpt, ckpt[0]):
+        a = predict_cube(model, *scene, tile_size=16, overlap=8)["prediction"]
+        b = predict_cube(model, *scene, tile_size=16, overlap=12, batch_size=1)["prediction"]
+        diff = np.abs(a - b)
+        assert diff.mean() < 0.05 * scale
+        assert np.percentile(diff, 99) < 0.3 * scale and diff.max() < scale
 
 
 def test_blend_window():
@@ -201,3 +241,50 @@ def test_cpu_device_threads_and_grad_mode_restored(ckpt, scene):
     assert torch.is_grad_enabled() and torch.get_num_threads() == before
     with pytest.raises(ValueError, match="threads"):
         predict_cube(ckpt[0], *scene, threads=0)
+
+
+# ---------------------------------------------------------------------------- temporal prior
+
+def test_untrained_residual_model_predicts_the_prior(ckpt, scene, prior, base):
+    """With the network's correction zeroed, inference returns the prior computed on the whole
+    cube -- whatever the windows -- and keeps the observed values where clear."""
+    assert 0 < np.isnan(prior).sum() < prior.size // 100  # a few pixels clear at one date only
+    zeroed = dict(ckpt[0])
+    zeroed["state_dict"] = {k: (torch.zeros_like(v) if k.startswith("net.head.") else v)
+                            for k, v in ckpt[0]["state_dict"].items()}
+    cube, channels, dates = scene
+    for size, overlap in ((16, 4), (H, 0)):
+        res = predict_cube(zeroed, cube, channels, dates, tile_size=size, overlap=overlap)
+        np.testing.assert_allclose(res["prediction"], base, rtol=1e-5, atol=1e-6)
+    clear = clear_of(cube)
+    np.testing.assert_array_equal(res["filled"][np.broadcast_to(clear[:, None], prior.shape)],
+                                  cube[:, :N_OPT][np.broadcast_to(clear[:, None], prior.shape)])
+
+
+def test_trained_model_is_no_worse_than_the_prior(ckpt, scene, prior):
+    """On the cloudy pixels the trained residual model is about as good as the prior or better."""
+    cube, channels, dates = scene
+    res = predict_cube(ckpt[0], cube, channels, dates)
+    truth = make_cube()[0][:, :N_OPT]
+    hidden = np.broadcast_to(~clear_of(cube)[:, None], truth.shape)
+    err_model = np.abs(res["prediction"] - truth)[hidden].mean()
+    err_prior = np.abs(prior - truth)[hidden].mean()
+    assert err_model < 1.1 * err_prior, (err_model, err_prior)
+
+
+def test_old_checkpoint_without_prior(tmp_path, scene):
+    tiles = export(tmp_path / "tiles", prior=False)
+    train(tiles, tmp_path / "run", epochs=1, **FAST)
+    old = load_checkpoint(tmp_path / "run" / "model.pt")
+    assert old["residual"] is None
+    del old["residual"]
+    res = predict_cube(old, *scene)
+    assert np.isfinite(res["filled"]).all()
+    clear = np.broadcast_to(clear_of(scene[0])[:, None], res["filled"].shape)
+    np.testing.assert_array_equal(res["filled"][clear], scene[0][:, :N_OPT][clear])
+
+
+def test_cube_with_prior_channels_is_refused(ckpt, scene):
+    full, full_channels = append_prior(*scene)
+    with pytest.raises(ValueError, match="without prior channels"):
+        predict_cube(ckpt[0], full, full_channels, scene[2])

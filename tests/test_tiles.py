@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from stfuse.prior import append_prior, prior_layout
 from stfuse.tiles import (
     block_split,
     clear_mask,
@@ -165,8 +166,12 @@ def test_export_load_reassemble_roundtrip(tmp_path):
     cube, channels, dates = make_cube()
     summary = export_tiles(cube, channels, dates, tmp_path, **EXPORT)
     tiles, index, meta, stats = load_tiles(tmp_path)
+    # the prior channels are appended, computed on the whole cube (not tile by tile)
+    full_cube, full_channels = append_prior(cube, channels, dates)
+    assert len(full_channels) == len(channels) + 5  # 4 band priors + prior_present
     assert isinstance(tiles, np.memmap) and tiles.dtype == np.float32
-    assert tiles.shape == (len(index), 6, len(channels), 32, 32)
+    assert tiles.shape == (len(index), 6, len(full_channels), 32, 32)
+    assert summary["tiles_shape"] == list(tiles.shape)
     assert list(index.columns) == ["tile", "row", "col", "split", "valid_fraction"]
     assert index["tile"].tolist() == list(range(len(index)))
     assert set(index["split"]) <= {"train", "val"}
@@ -176,7 +181,7 @@ def test_export_load_reassemble_roundtrip(tmp_path):
     assert summary["bytes_written"] >= tiles.nbytes
     origins = list(zip(index["row"], index["col"]))
     for i, (r, c) in enumerate(origins):
-        np.testing.assert_array_equal(tiles[i], cube[:, :, r:r + 32, c:c + 32])
+        np.testing.assert_array_equal(tiles[i], full_cube[:, :, r:r + 32, c:c + 32])
         clear = clear_mask(cube[:, :, r:r + 32, c:c + 32], 4, range(4))
         assert index["valid_fraction"][i] == pytest.approx(clear.mean(), abs=1e-12)
     # with val_fraction=0 nothing is dropped, so reassembling gives back the cube exactly
@@ -185,9 +190,10 @@ def test_export_load_reassemble_roundtrip(tmp_path):
     tiles, index, _, _ = load_tiles(out)
     assert len(index) == len(tile_origins(80, 96, 32, 8))
     full = reassemble(tiles, list(zip(index["row"], index["col"])), 80, 96)
-    assert full.dtype == np.float32 and full.shape == cube.shape
-    np.testing.assert_array_equal(full, cube)  # NaN in the same places
-    assert np.isnan(full).sum() == np.isnan(cube).sum() > 0
+    assert full.dtype == np.float32 and full.shape == full_cube.shape
+    np.testing.assert_array_equal(full, full_cube)  # NaN in the same places
+    assert np.isnan(full).sum() == np.isnan(full_cube).sum() > 0
+    np.testing.assert_array_equal(full[:, :len(channels)], cube)
 
 
 def test_reassemble_with_split_leaves_uncovered_nan(tmp_path):
@@ -197,6 +203,7 @@ def test_reassemble_with_split_leaves_uncovered_nan(tmp_path):
     origins = list(zip(index["row"], index["col"]))
     full = reassemble(tiles, origins, 80, 96)
     covered = paint(origins, 32, 80, 96) > 0
+    cube = append_prior(cube, channels, dates)[0]
     np.testing.assert_array_equal(full[..., covered], cube[..., covered])
     assert np.isnan(full[..., ~covered]).all()
 
@@ -258,10 +265,14 @@ def test_channels_json(tmp_path):
               "resolution": 10.0, "epsg": 32633}
     export_tiles(cube, channels, dates, tmp_path, region=region, **EXPORT)
     meta = json.loads((tmp_path / "channels.json").read_text())
-    assert meta["channels"] == channels
+    assert meta["channels"] == channels + prior_layout(channels)
+    assert [c["name"] for c in meta["channels"][len(channels):]] == \
+        ["B02_prior", "B03_prior", "B04_prior", "B08_prior", "prior_present"]
+    assert {c["kind"] for c in meta["channels"][len(channels):]} == {"prior"}
+    assert meta["prior"] is True
     assert meta["size"] == 32 and meta["overlap"] == 8
     assert meta["region"] == region
-    assert meta["shape"] == {"dates": 6, "channels": len(channels), "height": 80, "width": 96}
+    assert meta["shape"] == {"dates": 6, "channels": len(channels) + 5, "height": 80, "width": 96}
     assert len(meta["dates"]) == 6
     for given, stored in zip(dates, meta["dates"]):
         assert {k: stored[k] for k in given} == given
@@ -288,12 +299,22 @@ def test_stats_on_train_only(tmp_path):
     export_tiles(cube, channels, dates, tmp_path / "a", **EXPORT)
     _, index, _, stats = load_tiles(tmp_path / "a")
     assert stats["computed_on"] == "train"
-    assert [c["name"] for c in stats["channels"]] == [c["name"] for c in channels]
+    names = [c["name"] for c in channels]
+    assert [c["name"] for c in stats["channels"]] == \
+        names + [f"{n}_prior" for n in OPTICAL] + ["prior_present"]
     train = _train_mask(index, 32, 80, 96)
     assert 0 < train.sum() < train.size
+    # prior channels: the statistics of their band (same units as the target); flag: identity
+    by_name = {c["name"]: c for c in stats["channels"]}
+    for band in OPTICAL:
+        prior_entry = by_name[f"{band}_prior"]
+        assert prior_entry["kind"] == "prior" and prior_entry["band"] == band
+        for key in ("mean", "std", "count"):
+            assert prior_entry[key] == by_name[band][key]
+    assert {k: by_name["prior_present"][k] for k in ("mean", "std")} == {"mean": 0.0, "std": 1.0}
     # reference: train pixels once each; NaN ignored; optical only where clear
     clear = clear_mask(cube, 4, range(4))
-    for i, entry in enumerate(stats["channels"]):
+    for i, entry in enumerate(stats["channels"][:len(channels)]):
         x = cube[:, i][:, train]
         keep = np.isfinite(x)
         if channels[i]["kind"] == "optical":
@@ -321,3 +342,47 @@ def test_stats_std_floor_and_empty_channel(tmp_path):
     by_name = {c["name"]: c for c in stats["channels"]}
     assert by_name["dem"]["std"] == 1e-6 and by_name["dem"]["mean"] == pytest.approx(42.0)
     assert by_name["VV"] == {"name": "VV", "kind": "sar", "mean": 0.0, "std": 1.0, "count": 0}
+
+
+# ----------------------------------------------------------------------------------- prior
+
+def test_export_without_prior_keeps_the_old_layout(tmp_path):
+    cube, channels, dates = make_cube()
+    summary = export_tiles(cube, channels, dates, tmp_path, prior=False, **EXPORT)
+    tiles, index, meta, stats = load_tiles(tmp_path)
+    assert tiles.shape[2] == len(channels) and summary["tiles_shape"][2] == len(channels)
+    assert meta["channels"] == channels and meta["prior"] is False
+    assert [c["name"] for c in stats["channels"]] == [c["name"] for c in channels]
+    for i, (r, c) in enumerate(zip(index["row"], index["col"])):
+        np.testing.assert_array_equal(tiles[i], cube[:, :, r:r + 32, c:c + 32])
+
+
+def test_prior_interpolates_across_a_cloudy_date(tmp_path):
+    """A fully cloudy date gets its prior from the clear dates on both sides, the first date
+    from the next one (constant extension)."""
+    cube, channels, dates = make_cube(cloud=0.0, nan=0.0)
+    cube[2, 4] = 0.0  # date 2 fully cloudy
+    export_tiles(cube, channels, dates, tmp_path, **dict(EXPORT, val_fraction=0.0))
+    tiles, index, meta, _ = load_tiles(tmp_path)
+    names = [c["name"] for c in meta["channels"]]
+    b04, b04p, pres = names.index("B04"), names.index("B04_prior"), names.index("prior_present")
+    t = tiles[0]
+    np.testing.assert_array_equal(t[2, pres], 1.0)
+    days = [d["offset_days"] for d in meta["dates"]]
+    w = (days[2] - days[1]) / (days[3] - days[1])
+    expected = t[1, b04] + w * (t[3, b04] - t[1, b04])
+    np.testing.assert_allclose(t[2, b04p], expected, rtol=1e-6)
+    # first date of a clear series: constant extension from date 1
+    np.testing.assert_array_equal(t[0, b04p], t[1, b04])
+
+
+def test_export_rejects_prior_channels_from_the_caller(tmp_path):
+    cube, channels, dates = make_cube(n_dates=3)
+    full, full_channels = append_prior(cube, channels, dates)
+    with pytest.raises(ValueError, match="prior channels itself"):
+        export_tiles(full, full_channels, dates, tmp_path, **EXPORT)
+    with pytest.raises(ValueError, match="prior must be True or False"):
+        export_tiles(cube, channels, dates, tmp_path, prior="yes", **EXPORT)
+    bad = full_channels[:-1] + [dict(full_channels[-1], name="flag")]
+    with pytest.raises(ValueError, match="prior channels must come last"):
+        export_tiles(full, bad, dates, tmp_path, **EXPORT)

@@ -9,9 +9,21 @@ import pandas as pd
 import pytest
 import torch
 
-from stfuse.models import available, build_model, register
+from torch.utils.data import DataLoader
+
+from stfuse.dataset import GapFillDataset
+from stfuse.models import ResidualOnPrior, available, build_model, register, zero_init_output
 from stfuse.tiles import export_tiles
-from stfuse.train import _run_epoch, check_channels, load_checkpoint, model_from_checkpoint, train
+from stfuse.train import (
+    VAL_MASK_FRACTION,
+    _derived_seed,
+    _run_epoch,
+    build_network,
+    check_channels,
+    load_checkpoint,
+    model_from_checkpoint,
+    train,
+)
 
 OPTICAL = ("B02", "B03", "B04", "B08")
 SAR = ("VV", "VH")
@@ -56,10 +68,10 @@ def make_cube(seed=0, cloud=0.4):
     return cube, make_channels(), dates
 
 
-def export(out, seed=0):
+def export(out, seed=0, prior=True):
     cube, channels, dates = make_cube(seed)
     export_tiles(cube, channels, dates, out, size=SIZE, overlap=0, min_valid_fraction=0.0,
-                 block_size=SIZE, val_fraction=0.25, seed=0)
+                 block_size=SIZE, val_fraction=0.25, seed=0, prior=prior)
     return out
 
 
@@ -75,8 +87,22 @@ def trained(tiles_dir, tmp_path_factory):
     return out, summary
 
 
+@pytest.fixture(scope="module")
+def old_tiles_dir(tmp_path_factory):
+    """The same scene exported without the temporal prior (the layout before it existed)."""
+    return export(tmp_path_factory.mktemp("old_tiles"), prior=False)
+
+
 def state(path):
     return load_checkpoint(path)["state_dict"]
+
+
+def val_loss(model, tiles_dir, seed=0):
+    """Masked L1 of ``model`` on the validation split, with train()'s fixed validation masking."""
+    ds = GapFillDataset(tiles_dir, "val", k_neighbours=2, extra_mask_seed=_derived_seed(seed, 1),
+                        extra_mask_fraction=VAL_MASK_FRACTION)
+    total, count, _ = _run_epoch(model, DataLoader(ds, batch_size=4), torch.device("cpu"))
+    return total / count
 
 
 def assert_same_state(a, b):
@@ -117,21 +143,35 @@ def test_register_new_architecture(tiles_dir, tmp_path):
         ckpt = load_checkpoint(tmp_path / "model.pt")
         assert ckpt["model"] == "test_pointwise" and ckpt["model_params"] == {"hidden": 4}
         assert summary["epochs_run"] == 1
-        assert isinstance(model_from_checkpoint(ckpt), torch.nn.Sequential)
+        model = model_from_checkpoint(ckpt)  # residual on the prior around the registered model
+        assert isinstance(model, ResidualOnPrior)
+        assert isinstance(model.net, torch.nn.Sequential)
     finally:
         models._REGISTRY.pop("test_pointwise", None)
 
 
 # ------------------------------------------------------------------------------ training
 
-def test_training_lowers_the_loss(trained):
+def test_training_lowers_the_loss(trained, tiles_dir):
     out, summary = trained
     hist = pd.read_csv(out / "history.csv")
     assert list(hist["epoch"]) == list(range(1, 11))
     assert summary["epochs_run"] == 10 and summary["stopped"] == "epochs"
-    first, last = hist["train_loss"].iloc[0], hist["train_loss"].iloc[-2:].mean()
-    assert last < 0.8 * first, (first, last)
-    assert hist["val_loss"].min() < 0.8 * hist["val_loss"].iloc[0]
+    # the residual model starts out as the prior (linear interpolation in time): training
+    # lowers the loss below that starting point
+    ckpt = load_checkpoint(out / "model.pt")
+    torch.manual_seed(0)
+    start = build_network("unet", ckpt["in_channels"], ckpt["out_channels"], {},
+                          ckpt["residual"], init=True)
+    start.eval()
+    prior_loss = val_loss(start, tiles_dir)
+    assert hist["val_loss"].iloc[0] < 1.05 * prior_loss  # epoch 1 starts from the prior
+    # (this tiny scene is mostly pixel noise, so the margin over the prior is modest)
+    assert hist["val_loss"].min() < 0.97 * prior_loss, (prior_loss, hist["val_loss"].tolist())
+    assert val_loss(model_from_checkpoint(ckpt), tiles_dir) == pytest.approx(
+        hist["val_loss"].min(), rel=1e-4)
+    first, last = hist["train_loss"].iloc[:2].mean(), hist["train_loss"].iloc[-3:].mean()
+    assert last < 0.95 * first, hist["train_loss"].tolist()
     assert summary["best_val_loss"] == pytest.approx(hist["val_loss"].min())
     assert summary["best_epoch"] == int(hist["epoch"][hist["val_loss"].idxmin()])
     assert hist["val_pixels"].nunique() == 1  # fixed validation masking: same pixels each epoch
@@ -148,7 +188,14 @@ def test_checkpoint_contents(trained, tiles_dir):
         assert ckpt["tile_size"] == SIZE and ckpt["k_neighbours"] == 2
         assert ckpt["target_channels"] == list(OPTICAL)
         assert ckpt["input_channels"][:5] == ["B02@t", "B03@t", "B04@t", "B08@t", "valid@t"]
-        assert [c["name"] for c in ckpt["stats"]] == [c["name"] for c in make_channels()]
+        n_in = len(ckpt["input_channels"])
+        assert ckpt["input_channels"][-5:] == [f"{b}@prior" for b in OPTICAL] + ["prior_present@t"]
+        assert [c["name"] for c in ckpt["stats"]] == [c["name"] for c in make_channels()] + \
+            [f"{b}_prior" for b in OPTICAL] + ["prior_present"]
+        assert ckpt["residual"] == {"prior_indices": list(range(n_in - 5, n_in - 1)),
+                                    "present_index": n_in - 1}
+        assert ckpt["format_version"] == 2 and ckpt["config"]["residual"] is True
+        assert all(k.startswith("net.") for k in ckpt["state_dict"])
         assert ckpt["config"]["seed"] == 0 and ckpt["config"]["epochs"] == 10
     best = load_checkpoint(out / "model.pt")
     assert best["kind"] == "best" and best["epoch"] == summary["best_epoch"]
@@ -180,16 +227,27 @@ def test_resume_equals_uninterrupted(tiles_dir, tmp_path):
     train(tiles_dir, tmp_path / "straight", epochs=4, **FAST)
     first = train(tiles_dir, tmp_path / "resumed", epochs=2, **FAST)
     assert first["epochs_run"] == 2
+    # a workflow manager deletes the outputs of a killed job: model.pt comes back from last.pt
+    # even when no later epoch improves on the best one
+    (tmp_path / "resumed" / "model.pt").unlink()
     second = train(tiles_dir, tmp_path / "resumed", epochs=4, **FAST)
     assert second["resumed_from"] == 2 and second["epochs_run"] == 2
     for name in ("last.pt", "model.pt"):
         assert_same_state(state(tmp_path / "straight" / name), state(tmp_path / "resumed" / name))
+    best = load_checkpoint(tmp_path / "resumed" / "model.pt")
+    assert best["epoch"] == load_checkpoint(tmp_path / "straight" / "model.pt")["epoch"]
+    last = load_checkpoint(tmp_path / "resumed" / "last.pt")
+    assert last["best_checkpoint"]["epoch"] == best["epoch"]
+    assert_same_state(last["best_checkpoint"]["state_dict"], best["state_dict"])
     h1 = pd.read_csv(tmp_path / "straight" / "history.csv")
     h2 = pd.read_csv(tmp_path / "resumed" / "history.csv")
     pd.testing.assert_series_equal(h1["val_loss"], h2["val_loss"])
-    # a finished run is not trained again
+    # a finished run is not trained again (a deleted model.pt is restored all the same)
+    (tmp_path / "resumed" / "model.pt").unlink()
     again = train(tiles_dir, tmp_path / "resumed", epochs=4, **FAST)
     assert again["epochs_run"] == 0 and again["stopped"] == "epochs"
+    assert_same_state(state(tmp_path / "straight" / "model.pt"),
+                      state(tmp_path / "resumed" / "model.pt"))
     # other settings: refuse to resume, unless resume=False
     with pytest.raises(ValueError, match="cannot resume.*lr"):
         train(tiles_dir, tmp_path / "resumed", epochs=5, lr=0.01, **FAST)
@@ -276,3 +334,59 @@ def test_check_channels(trained):
         check_channels(ckpt, [n if n != "VH@sar" else "HH@sar" for n in names])
     with pytest.raises(ValueError, match="another order"):
         check_channels(ckpt, names[::-1])
+
+
+# ------------------------------------------------------------------------ residual on the prior
+
+def test_residual_model_starts_at_the_prior(tiles_dir):
+    ds = GapFillDataset(tiles_dir, "train", extra_mask_fraction=1.0, extra_mask_seed=0)
+    spec = ds.assembler.residual_spec()
+    batch = next(iter(DataLoader(ds, batch_size=4)))
+    x = batch["image"]
+    prior = x[:, spec["prior_indices"]] * x[:, spec["present_index"]:spec["present_index"] + 1]
+    for model, params in (("unet", {}), ("unet", {"norm": "group", "depth": 1})):
+        torch.manual_seed(0)
+        net = build_network(model, ds.n_input_channels, 4, params, spec, init=True)
+        assert isinstance(net, ResidualOnPrior) and net.size_multiple == net.net.size_multiple
+        assert not net.net.head.weight.any() and not net.net.head.bias.any()
+        for mode in (net.train, net.eval):
+            mode()
+            out = net(x)
+            torch.testing.assert_close(out, prior, rtol=0, atol=1e-6)
+    # the prior is the leave-one-out interpolation: a real prediction, with a real error
+    hidden = batch["target_valid"] * (1 - batch["mask"])
+    err = ((prior - batch["target"]).abs() * hidden).sum() / (hidden.sum() * 4)
+    assert 0 < err < 1.0
+    # without init the wrapper still adds the prior to whatever the network says
+    torch.manual_seed(0)
+    raw = build_network("unet", ds.n_input_channels, 4, {}, spec).eval()
+    torch.testing.assert_close(raw(x) - raw.net(x), prior)
+    # the output layer is found generically (last Conv2d/Linear with the output width)
+    seq = torch.nn.Sequential(torch.nn.Conv2d(3, 5, 1), torch.nn.Conv2d(5, 2, 1))
+    assert zero_init_output(seq, 2) and not seq[1].weight.any() and seq[0].weight.any()
+    assert not zero_init_output(torch.nn.Sequential(torch.nn.Identity()), 2)
+    with pytest.raises(ValueError, match="present_index"):
+        ResidualOnPrior(seq, [0, 1], 1)
+
+
+def test_without_prior_plain_model_and_old_checkpoints(old_tiles_dir, tiles_dir, tmp_path):
+    # an export without the prior trains a plain model, as before
+    s = train(old_tiles_dir, tmp_path / "old", epochs=2, **FAST)
+    ckpt = load_checkpoint(tmp_path / "old" / "model.pt")
+    assert ckpt["residual"] is None and ckpt["format_version"] == 1
+    assert not any("prior" in n for n in ckpt["input_channels"])
+    assert s["epochs_run"] == 2
+    del ckpt["residual"]  # a checkpoint written before the key existed
+    assert not isinstance(model_from_checkpoint(ckpt), ResidualOnPrior)
+    with pytest.raises(ValueError, match="no temporal prior channels"):
+        train(old_tiles_dir, tmp_path / "x", epochs=1, residual=True, **FAST)
+    with pytest.raises(ValueError, match="residual must be"):
+        train(tiles_dir, tmp_path / "x", epochs=1, residual="yes", **FAST)
+    # residual=False: the prior is only an input
+    train(tiles_dir, tmp_path / "plain", epochs=1, residual=False, **FAST)
+    plain = load_checkpoint(tmp_path / "plain" / "model.pt")
+    assert plain["residual"] is None and plain["input_channels"][-1] == "prior_present@t"
+    assert not isinstance(model_from_checkpoint(plain), ResidualOnPrior)
+    # resuming with the other setting is refused
+    with pytest.raises(ValueError, match="cannot resume.*residual"):
+        train(tiles_dir, tmp_path / "plain", epochs=2, **FAST)

@@ -14,7 +14,15 @@ Input channels, in order (names in :attr:`GapFillDataset.input_channels`):
 3. ``<sar band>@sar`` (normalised, NaN -> 0; all 0 when t has no paired SAR, i.e.
    ``sar_gap_days`` is None) and ``dt@sar`` (constant: ``sar_gap_days`` / 30, sign kept; 0 when
    there is no SAR); both left out when the export has no SAR channel;
-4. the static layers by name (normalised, NaN -> 0).
+4. the static layers by name (normalised, NaN -> 0);
+5. only when the series holds the temporal prior channels (kind ``prior``, appended by
+   :func:`stfuse.tiles.export_tiles` / :func:`stfuse.prior.prior_channels`): ``<band>@prior``
+   for each optical band (the leave-one-out linear interpolation in time at t, normalised with
+   the statistics of *its optical band*, so it is in the units of the target; NaN -> 0) and
+   ``prior_present@t`` (1 where the prior exists, else 0). The prior at t never uses date t,
+   so artificial masking (``hide``) leaves it as it is. :attr:`InputAssembler.prior_input_indices`
+   and :attr:`InputAssembler.present_input_index` locate them for a residual model
+   (:class:`stfuse.models.residual.ResidualOnPrior`).
 
 "Clear" means valid == 1 and every optical band finite (:func:`stfuse.tiles.clear_mask`).
 Normalisation is ``(x - mean) / std`` with the training statistics in ``stats.json``; mask and
@@ -43,6 +51,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from stfuse.prior import PRESENT_NAME, PRIOR_KIND, PRIOR_SUFFIX
 from stfuse.tiles import (
     _check_dates,
     CHANNELS_FILE,
@@ -76,7 +85,9 @@ class InputAssembler:
     stats
         Normalisation statistics: the ``channels`` list of ``stats.json`` (dicts with
         ``name``, ``mean``, ``std``) or a mapping ``name -> {"mean": .., "std": ..}``; every
-        channel but the ``valid`` one needs an entry.
+        channel but the ``valid`` one and the prior channels needs an entry (a
+        ``<band>_prior`` channel is always normalised with its band's entry, and
+        ``prior_present`` is a 0/1 flag).
     k_neighbours
         K previous and K next optical dates (>= 0).
 
@@ -99,19 +110,23 @@ class InputAssembler:
         self._optical = idx["optical"]
         self._sar = idx["sar"]
         self._static = idx["static"]
+        self._prior, self._present = self._prior_layout(names, idx.get(PRIOR_KIND, []))
 
         if isinstance(stats, dict):
             by_name = {str(k): v for k, v in stats.items()}
         else:
             by_name = {str(c["name"]): c for c in stats}
-        missing = [n for i, n in enumerate(names) if i != self._valid and n not in by_name]
+        derived = {self._valid, *self._prior, *([self._present] if self._prior else [])}
+        missing = [n for i, n in enumerate(names) if i not in derived and n not in by_name]
         if missing:
             raise ValueError(f"no normalisation statistics for channel(s) {missing}")
         mean = np.zeros(len(names), dtype=np.float32)
         std = np.ones(len(names), dtype=np.float32)
         for i, n in enumerate(names):
-            if n in by_name:
+            if i not in derived and n in by_name:
                 mean[i], std[i] = by_name[n]["mean"], by_name[n]["std"]
+        for band, i in zip(self._optical, self._prior):  # prior and target share units
+            mean[i], std[i] = mean[band], std[band]
         self._mean, self._std = mean, std
 
         dates = _check_dates(list(dates), len(dates))
@@ -129,8 +144,36 @@ class InputAssembler:
         if self._sar:  # no SAR channels at all: no dt@sar either
             inputs += [f"{names[i]}@sar" for i in self._sar] + ["dt@sar"]
         inputs += [names[i] for i in self._static]
+        if self._prior:
+            self.prior_input_indices: list[int] = list(range(len(inputs),
+                                                             len(inputs) + len(opt_names)))
+            inputs += [f"{n}@prior" for n in opt_names] + [f"{PRESENT_NAME}@t"]
+            self.present_input_index: int | None = len(inputs) - 1
+        else:
+            self.prior_input_indices, self.present_input_index = [], None
         self.input_channels: list[str] = inputs
         self.target_channels: list[str] = opt_names
+
+    def _prior_layout(self, names, prior_idx) -> tuple[list[int], int | None]:
+        """Channel indices of ``<band>_prior`` in optical band order, and of ``prior_present``."""
+        if not prior_idx:
+            return [], None
+        by_band, present = {}, []
+        for i in prior_idx:
+            band = self.channels[i].get("band")
+            if band is None and names[i] != PRESENT_NAME and names[i].endswith(PRIOR_SUFFIX):
+                band = names[i][:-len(PRIOR_SUFFIX)]
+            if band is None:
+                present.append(i)
+            else:
+                by_band.setdefault(str(band), []).append(i)
+        opt_names = [names[i] for i in self._optical]
+        if len(present) != 1 or sorted(by_band) != sorted(opt_names) \
+                or any(len(v) != 1 for v in by_band.values()):
+            raise ValueError("prior channels must be one '<band>_prior' per optical band "
+                             f"{opt_names} and one {PRESENT_NAME!r}, got "
+                             f"{[names[i] for i in prior_idx]}")
+        return [by_band[n][0] for n in opt_names], present[0]
 
     # ---------------------------------------------------------------------------------------
     def neighbour_tags(self) -> list[str]:
@@ -152,6 +195,19 @@ class InputAssembler:
     @property
     def valid_index(self) -> int:
         return self._valid
+
+    @property
+    def has_prior(self) -> bool:
+        """Does the series hold the temporal prior (and the input the ``@prior`` channels)?"""
+        return bool(self._prior)
+
+    def residual_spec(self) -> dict | None:
+        """Where a residual model finds the prior in the input: ``{"prior_indices": [...],
+        "present_index": i}`` (target band order), or None without a prior."""
+        if not self._prior:
+            return None
+        return {"prior_indices": list(self.prior_input_indices),
+                "present_index": int(self.present_input_index)}
 
     def target_mean_std(self) -> tuple[np.ndarray, np.ndarray]:
         """Mean and std of the target (optical) bands, float32 (n_optical,)."""
@@ -225,6 +281,12 @@ class InputAssembler:
         if self._static:
             image[c:c + len(self._static)] = self.normalise(cur[self._static], self._static)
             c += len(self._static)
+        if self._prior:  # the prior at t never used date t: artificial masking leaves it alone
+            present = np.nan_to_num(cur[self._present], nan=0.0) > 0.5
+            image[c:c + n_opt] = np.where(present, self.normalise(cur[self._prior], self._prior),
+                                          0.0)
+            image[c + n_opt] = present
+            c += n_opt + 1
         assert c == self.n_input_channels
         if cache is not None:  # never hand out the cached arrays themselves
             target, target_valid = target.copy(), target_valid.copy()
@@ -334,6 +396,8 @@ class GapFillDataset(Dataset):
 
         self.input_channels: list[str] = list(self.assembler.input_channels)
         self.target_channels: list[str] = list(self.assembler.target_channels)
+        self.prior_input_indices: list[int] = list(self.assembler.prior_input_indices)
+        self.present_input_index: int | None = self.assembler.present_input_index
 
         self._array = None  # opened lazily, once per process
         self._array_pid = None
@@ -353,6 +417,7 @@ class GapFillDataset(Dataset):
             "size": self.size,
             "stats": {c["name"]: {"mean": c["mean"], "std": c["std"]}
                       for c in self.stats["channels"]},
+            "residual": self.assembler.residual_spec(),
         }
 
     def __len__(self) -> int:

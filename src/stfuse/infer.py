@@ -5,6 +5,11 @@
 ``valid`` band, SAR bands, static layers; ``channels`` and ``dates`` as in ``channels.json``)
 -- and predicts the optical bands at every date over the whole region:
 
+* Temporal prior: when the model was trained with the prior channels (checkpoint input channels
+  ``<band>@prior``), they are computed on the *whole* cube passed in and appended to it with
+  :func:`stfuse.prior.append_prior`, the function :func:`stfuse.tiles.export_tiles` uses, before
+  any windowing; the caller passes the cube without them. Checkpoints trained without the prior
+  get the cube as it is.
 * The region is covered with overlapping square windows (:func:`stfuse.tiles.tile_origins`;
   default: the checkpoint's tile size and an overlap of a quarter of it). For each window and
   date the model input is built by :class:`stfuse.dataset.InputAssembler`, the very code the
@@ -45,6 +50,7 @@ import torch
 
 from stfuse.dataset import InputAssembler
 from stfuse.models import size_multiple
+from stfuse.prior import PRIOR_KIND, append_prior
 from stfuse.tiles import _check_channels, tile_origins
 from stfuse.train import (
     check_channels,
@@ -97,9 +103,10 @@ def predict_cube(checkpoint, cube, channels, dates, *, tile_size=None, overlap=N
         :func:`stfuse.train.load_checkpoint` returned.
     cube, channels, dates
         The full-region cube and its channel and date dicts, as for
-        :func:`stfuse.tiles.export_tiles`. The channels must give the model's input channels
-        exactly (ValueError naming the missing and unexpected ones otherwise); the dates may
-        differ from the training dates.
+        :func:`stfuse.tiles.export_tiles` (without prior channels: they are computed here when
+        the model uses them). The channels must give the model's input channels exactly
+        (ValueError naming the missing and unexpected ones otherwise); the dates may differ
+        from the training dates.
     tile_size, overlap
         Window size (default: the checkpoint's tile size; must be a multiple of the model's
         ``size_multiple``) and overlap (default ``tile_size // 4``).
@@ -130,6 +137,13 @@ def _predict(checkpoint, cube, channels, dates, *, tile_size, overlap, batch_siz
     channels = _check_channels(channels, n_channels)
     if len(dates) != n_dates:
         raise ValueError(f"len(dates) is {len(dates)} but the cube has T={n_dates} dates")
+    if any(ch["kind"] == PRIOR_KIND for ch in channels):
+        raise ValueError("pass the cube without prior channels: predict_cube computes them "
+                         "from the whole cube, as export_tiles does")
+    work = cube
+    if any(ch.get("kind") == PRIOR_KIND for ch in ckpt["channels"]):
+        work, channels = append_prior(cube, channels, dates)  # same code as export_tiles
+        n_channels = work.shape[1]
     assembler = _assembler(ckpt, channels, dates)
     batch_size = _int_arg(batch_size, "batch_size", 1)
 
@@ -147,10 +161,10 @@ def _predict(checkpoint, cube, channels, dates, *, tile_size, overlap, batch_siz
 
     # regions smaller than one window: pad with no data (NaN), crop at the end
     pad_h, pad_w = max(size, height), max(size, width)
-    work = cube
     if (pad_h, pad_w) != (height, width):
-        work = np.full((n_dates, n_channels, pad_h, pad_w), np.nan, dtype=np.float32)
-        work[:, :, :height, :width] = cube
+        padded = np.full((n_dates, n_channels, pad_h, pad_w), np.nan, dtype=np.float32)
+        padded[:, :, :height, :width] = work
+        work = padded
     origins = tile_origins(pad_h, pad_w, size, overlap)
     window = blend_window(size)
     n_bands = len(assembler.target_channels)

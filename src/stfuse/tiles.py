@@ -15,6 +15,14 @@ it over together with one dict per channel and one dict per date:
 NaN means no data everywhere. A (date, pixel) cell is *clear* when its ``valid`` value is 1
 and all its optical bands are finite (:func:`clear_mask`).
 
+Temporal prior: :func:`export_tiles` appends, after the caller's channels, the channels of
+:func:`stfuse.prior.prior_channels` computed on the *whole* cube before tiling (so tiles near
+the borders of the region or of the series see every date): ``<band>_prior`` (kind
+``"prior"``, with a ``"band"`` key) for every optical band -- the leave-one-out linear
+interpolation in time of that band -- and ``prior_present`` (kind ``"prior"``, 1 where the
+prior exists). The caller never passes prior channels itself. ``prior=False`` writes the old
+layout without them (exports written before the prior existed load and train as before).
+
 Files written by :func:`export_tiles` (read back with :func:`load_tiles`)
 ------------------------------------------------------------------------
 ``tiles.npy``
@@ -28,10 +36,14 @@ Files written by :func:`export_tiles` (read back with :func:`load_tiles`)
     float32 (N, T): fraction of clear pixels of each tile at each date (the dataset uses it to
     pick target dates without touching ``tiles.npy``).
 ``channels.json``
-    channels, dates (each with ``offset_days`` from the first date), tile size, overlap, the
-    split parameters, ``region`` (passed through from the caller) and the full-region ``shape``.
+    channels (the caller's, then the prior channels), dates (each with ``offset_days`` from the
+    first date), tile size, overlap, the split parameters, ``region`` (passed through from the
+    caller), the full-region ``shape`` (its ``channels`` count includes the prior channels)
+    and ``prior`` (true when the prior channels are there).
 ``stats.json``
-    per-channel mean/std/count over the *training* tiles (see :func:`channel_stats`).
+    per-channel mean/std/count over the *training* tiles (see :func:`channel_stats`); a
+    ``<band>_prior`` channel gets the statistics of its optical band (prior and target share
+    units) and ``prior_present`` mean 0, std 1.
 """
 
 from __future__ import annotations
@@ -53,6 +65,7 @@ __all__ = [
     "block_split",
     "clear_mask",
     "channel_stats",
+    "prior_stats",
     "export_tiles",
     "load_tiles",
     "reassemble",
@@ -60,7 +73,7 @@ __all__ = [
 
 logger = logging.getLogger("stfuse.tiles")
 
-KINDS = ("optical", "valid", "sar", "static")
+KINDS = ("optical", "valid", "sar", "static", "prior")
 FORMAT_VERSION = 1
 STD_FLOOR = 1e-6
 
@@ -237,7 +250,23 @@ def _check_channels(channels, n_channels: int) -> list[dict]:
                          f"got {kinds.count('valid')}")
     if "optical" not in kinds:
         raise ValueError("channels must hold at least one 'optical' channel")
+    if "prior" in kinds:
+        _check_prior_channels(out)
     return out
+
+
+def _check_prior_channels(channels) -> None:
+    """Prior channels must be exactly those :func:`stfuse.prior.prior_layout` makes, in order,
+    after every other channel."""
+    from stfuse.prior import prior_layout  # stfuse.prior imports this module
+
+    base = [ch for ch in channels if ch["kind"] != "prior"]
+    got = [(ch["name"], ch.get("band")) for ch in channels[len(base):]]
+    want = [(ch["name"], ch.get("band")) for ch in prior_layout(base)]
+    if got != want or any(ch["kind"] == "prior" for ch in channels[:len(base)]):
+        raise ValueError("prior channels must come last and be exactly "
+                         f"{[n for n, _ in want]} (with their 'band' keys), got "
+                         f"{[ch['name'] for ch in channels if ch['kind'] == 'prior']}")
 
 
 def channel_indices(channels) -> dict[str, list[int]]:
@@ -299,16 +328,21 @@ def channel_stats(cube: np.ndarray, channels, pixel_mask: np.ndarray) -> list[di
     (:func:`clear_mask`). A channel without any usable cell gets mean 0, std 1 and count 0
     (normalisation is then the identity) and a warning. Accumulated in float64, one date at a
     time, merging per-date moments (Chan et al.), so memory stays at one (H, W) slice.
+
+    Prior channels (kind ``"prior"``) are not measured: ``<band>_prior`` gets the entry of its
+    optical band (name and kind its own, plus ``"band"``), ``prior_present`` mean 0, std 1,
+    count 0 (see :func:`prior_stats`).
     """
     idx = channel_indices(channels)
     vi, opt = idx["valid"][0], idx["optical"]
     n_dates = cube.shape[0]
+    measured = [c for c in range(cube.shape[1]) if channels[c]["kind"] != "prior"]
     out = []
-    acc = {c: [0, 0.0, 0.0] for c in range(cube.shape[1])}  # count, mean, M2
+    acc = {c: [0, 0.0, 0.0] for c in measured}  # count, mean, M2
     for t in range(n_dates):
         date = cube[t]
         clear_t = clear_mask(date, vi, opt)[pixel_mask]
-        for c in range(cube.shape[1]):
+        for c in measured:
             x = date[c][pixel_mask]
             keep = np.isfinite(x)
             if channels[c]["kind"] == "optical":
@@ -322,7 +356,8 @@ def channel_stats(cube: np.ndarray, channels, pixel_mask: np.ndarray) -> list[di
             n = n_a + n_b
             delta = mean_b - mean_a
             acc[c] = [n, mean_a + delta * n_b / n, m2_a + m2_b + delta * delta * n_a * n_b / n]
-    for c, ch in enumerate(channels):
+    for c in measured:
+        ch = channels[c]
         n, mean, m2 = acc[c]
         if n == 0:
             logger.warning("stats: channel %r has no usable training pixel; using mean 0, std 1",
@@ -332,6 +367,28 @@ def channel_stats(cube: np.ndarray, channels, pixel_mask: np.ndarray) -> list[di
             std = max(math.sqrt(m2 / n), STD_FLOOR)
         out.append({"name": ch["name"], "kind": ch["kind"], "mean": float(mean),
                     "std": float(std), "count": int(n)})
+    derived = prior_stats(out, [ch for ch in channels if ch["kind"] == "prior"])
+    by_name = {e["name"]: e for e in out + derived}
+    return [by_name[ch["name"]] for ch in channels]  # channel order
+
+
+def prior_stats(stats, prior_channels) -> list[dict]:
+    """Statistics entries of prior channels, derived from the optical bands' entries in
+    ``stats``: ``<band>_prior`` copies its band's mean/std/count, ``prior_present`` gets mean 0,
+    std 1, count 0 (a 0/1 flag, not normalised)."""
+    by_name = {e["name"]: e for e in stats}
+    out = []
+    for ch in prior_channels:
+        band = ch.get("band")
+        if band is None:
+            out.append({"name": ch["name"], "kind": ch["kind"], "mean": 0.0, "std": 1.0,
+                        "count": 0})
+            continue
+        if band not in by_name:
+            raise ValueError(f"prior channel {ch['name']!r}: no statistics for its band {band!r}")
+        src = by_name[band]
+        out.append({"name": ch["name"], "kind": ch["kind"], "mean": float(src["mean"]),
+                    "std": float(src["std"]), "count": int(src.get("count", 0)), "band": band})
     return out
 
 
@@ -339,7 +396,8 @@ def channel_stats(cube: np.ndarray, channels, pixel_mask: np.ndarray) -> list[di
 # export / load / reassemble
 
 def export_tiles(cube, channels, dates, out_dir, *, size, overlap, min_valid_fraction,
-                 block_size, val_fraction, seed, region: dict | None = None) -> dict:
+                 block_size, val_fraction, seed, region: dict | None = None,
+                 prior: bool = True) -> dict:
     """Tile ``cube`` (T, C, H, W), split the tiles spatially and write them to ``out_dir``.
 
     See the module docstring for the files. Tiles whose split is ``gap`` (train tiles touching
@@ -347,6 +405,11 @@ def export_tiles(cube, channels, dates, out_dir, *, size, overlap, min_valid_fra
     Statistics are computed over the union of the written *train* tile footprints, each
     pixel once. Files are written under temporary names and renamed at the end, so a failed
     export leaves no half-written ``tiles.npy`` behind.
+
+    With ``prior=True`` (default) the temporal prior channels
+    (:func:`stfuse.prior.prior_channels`) are computed on the whole ``cube`` and appended to
+    every tile: ``tiles.npy`` then has C + B + 1 channels (B optical bands). ``cube`` and
+    ``channels`` must not hold prior channels themselves.
 
     Returns a summary: ``{"n_tiles", "n_train", "n_val", "n_gap", "n_low_valid", "splits",
     "bytes_written", "tiles_shape", "files"}``.
@@ -362,6 +425,11 @@ def export_tiles(cube, channels, dates, out_dir, *, size, overlap, min_valid_fra
                          f"got shape {cube.shape}")
     channels = _check_channels(channels, n_channels)
     dates = _check_dates(dates, n_dates)
+    if not isinstance(prior, bool):
+        raise ValueError(f"prior must be True or False, got {prior!r}")
+    if any(ch["kind"] == "prior" for ch in channels):
+        raise ValueError("export_tiles computes the prior channels itself: pass the cube "
+                         "without them (optical, valid, SAR, static channels)")
     min_valid_fraction = _fraction_param(min_valid_fraction, "min_valid_fraction")
     if region is not None and not isinstance(region, dict):
         raise ValueError(f"region must be a dict or None, got {type(region).__name__}")
@@ -406,6 +474,14 @@ def export_tiles(cube, channels, dates, out_dir, *, size, overlap, min_valid_fra
         logger.warning("export_tiles: no validation tile written (val_fraction=%s, block_size=%s, "
                        "min_valid_fraction=%s)", val_fraction, block_size, min_valid_fraction)
 
+    if prior:
+        from stfuse.prior import prior_channels  # stfuse.prior imports this module
+
+        extra, extra_channels = prior_channels(cube, channels, dates)
+    else:
+        extra, extra_channels = np.empty((n_dates, 0, height, width), np.float32), []
+    n_total = n_channels + len(extra_channels)
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     kept = np.flatnonzero(keep)
@@ -414,9 +490,10 @@ def export_tiles(cube, channels, dates, out_dir, *, size, overlap, min_valid_fra
            (TILES_FILE, INDEX_FILE, CLEAR_FILE, CHANNELS_FILE, STATS_FILE)}
     try:
         mm = np.lib.format.open_memmap(tmp[TILES_FILE], mode="w+", dtype=np.float32,
-                                       shape=(len(kept), n_dates, n_channels, size, size))
+                                       shape=(len(kept), n_dates, n_total, size, size))
         for i, (r, c) in enumerate(kept_origins):
-            mm[i] = cube[:, :, r:r + size, c:c + size]
+            mm[i, :, :n_channels] = cube[:, :, r:r + size, c:c + size]
+            mm[i, :, n_channels:] = extra[:, :, r:r + size, c:c + size]
         mm.flush()
         del mm
 
@@ -433,11 +510,12 @@ def export_tiles(cube, channels, dates, out_dir, *, size, overlap, min_valid_fra
 
         meta = {
             "format_version": FORMAT_VERSION,
-            "channels": channels,
+            "channels": channels + extra_channels,
             "dates": dates,
             "size": size,
             "overlap": overlap,
-            "shape": {"dates": n_dates, "channels": n_channels, "height": height, "width": width},
+            "shape": {"dates": n_dates, "channels": n_total, "height": height, "width": width},
+            "prior": bool(prior),
             "split": {"block_size": int(block_size), "val_fraction": float(val_fraction),
                       "seed": _jsonable(seed), "min_valid_fraction": min_valid_fraction},
             "n_tiles": {"train": n_train, "val": n_val},
@@ -457,9 +535,12 @@ def export_tiles(cube, channels, dates, out_dir, *, size, overlap, min_valid_fra
             "n_pixels": int(train_mask.sum()),
             "std_floor": STD_FLOOR,
             "note": ("each pixel of the union of train tile footprints counted once per date; "
-                     "NaN ignored; optical bands only where valid == 1 and all bands finite"),
-            "channels": channel_stats(cube, channels, train_mask),
+                     "NaN ignored; optical bands only where valid == 1 and all bands finite; "
+                     "<band>_prior channels: the statistics of their band"),
+            "channels": [],
         }
+        base_stats = channel_stats(cube, channels, train_mask)
+        stats["channels"] = base_stats + prior_stats(base_stats, extra_channels)
         tmp[STATS_FILE].write_text(json.dumps(stats, indent=2, allow_nan=False) + "\n")
 
         for name, path in tmp.items():
@@ -479,7 +560,7 @@ def export_tiles(cube, channels, dates, out_dir, *, size, overlap, min_valid_fra
         "n_low_valid": n_low,
         "splits": {"train": n_train, "val": n_val},
         "bytes_written": int(bytes_written),
-        "tiles_shape": [int(len(kept)), n_dates, n_channels, size, size],
+        "tiles_shape": [int(len(kept)), n_dates, n_total, size, size],
         "files": files,
     }
     logger.info("export_tiles: %d tiles (%d train, %d val; dropped %d gap, %d below "

@@ -22,6 +22,12 @@ and a run resumed from ``last.pt`` ends with the same weights as an uninterrupte
 (``torch.autocast`` float16 + ``GradScaler``) and deterministic algorithms in warn-only mode:
 close, but not bit-identical, results.
 
+Residual on the temporal prior: when the export holds the prior channels
+(:mod:`stfuse.prior`), the model is by default (``residual="auto"``) wrapped in
+:class:`stfuse.models.ResidualOnPrior` -- it outputs the prior plus a learnt correction -- and
+its output layer is zeroed at initialisation, so training starts from per-pixel linear
+interpolation in time and learns what to change.
+
 Files in ``out_dir`` (all written to a temporary name first and moved into place with
 ``os.replace``, so a kill never leaves a half-written file):
 
@@ -39,17 +45,25 @@ Files in ``out_dir`` (all written to a temporary name first and moved into place
 Checkpoint format (a dict; ``torch.load(path, weights_only=True)`` reads it: only tensors,
 dicts, lists, tuples, str, int, float, bool and None):
 
-``format`` ("stfuse.checkpoint"), ``format_version`` (1), ``kind`` ("best" | "last"),
+``format`` ("stfuse.checkpoint"), ``format_version`` (2 when ``residual`` is set, else 1: the
+oldest reader that understands it), ``kind`` ("best" | "last"),
 ``model`` (registry name), ``model_params`` (keyword parameters), ``in_channels``,
 ``out_channels``, ``state_dict``, ``input_channels`` / ``target_channels`` (names, see
 :mod:`stfuse.dataset`), ``channels`` (the export's channel dicts, in cube order), ``stats``
 (the export's per-channel ``name/kind/mean/std/count``), ``k_neighbours``, ``dt_scale_days``,
 ``tile_size``, ``overlap`` (of the export), ``config`` (the training arguments, resolved),
 ``epoch``, ``train_loss``, ``val_loss``, ``best_epoch``, ``best_val_loss``, ``history``
-(list of per-epoch dicts), ``versions``; ``last.pt`` adds ``optimizer``, ``scaler``
+(list of per-epoch dicts), ``versions``, ``residual`` (None, or ``{"prior_indices": [...],
+"present_index": i}``: the model is :class:`stfuse.models.ResidualOnPrior` around the registered
+model, whose ``state_dict`` keys then start with ``net.``; checkpoints without the key are plain
+models); ``last.pt`` adds ``optimizer``, ``scaler``
 (None without AMP), ``rng`` (``torch`` uint8 tensor, ``cuda`` list of tensors, ``numpy``
-dict with the MT19937 key as an int64 tensor, ``python`` list), ``epochs_since_best`` and
-``stopped`` (None | "epochs" | "early_stopping" | "max_minutes").
+dict with the MT19937 key as an int64 tensor, ``python`` list), ``epochs_since_best``,
+``stopped`` (None | "epochs" | "early_stopping" | "max_minutes") and ``best_checkpoint`` (what
+``model.pt`` holds besides the common keys: its ``state_dict``, ``epoch``, losses and history;
+a resumed run rewrites a missing ``model.pt`` from it, e.g. after a workflow manager deleted the
+outputs of a killed job -- with a residual model that starts from the prior, later epochs may
+never improve on the best one).
 """
 
 from __future__ import annotations
@@ -72,15 +86,15 @@ from torch.utils.data import DataLoader
 
 import stfuse
 from stfuse.dataset import DT_SCALE_DAYS, GapFillDataset
-from stfuse.models import build_model, size_multiple
+from stfuse.models import ResidualOnPrior, build_model, size_multiple, zero_init_output
 
-__all__ = ["train", "load_checkpoint", "check_channels", "model_from_checkpoint", "resolve_device",
-           "torch_threads", "CHECKPOINT_FORMAT"]
+__all__ = ["train", "load_checkpoint", "check_channels", "model_from_checkpoint", "build_network",
+           "resolve_device", "torch_threads", "CHECKPOINT_FORMAT"]
 
 logger = logging.getLogger("stfuse.train")
 
 CHECKPOINT_FORMAT = "stfuse.checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
 MODEL_FILE = "model.pt"
 LAST_FILE = "last.pt"
 HISTORY_FILE = "history.csv"
@@ -244,10 +258,41 @@ def check_channels(ckpt: dict, input_channels) -> None:
                      f"{expected}, got {got}")
 
 
+def _residual_spec(value) -> dict | None:
+    """The checkpoint's ``residual`` entry as plain ints (None: no residual wrapper)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or "prior_indices" not in value \
+            or "present_index" not in value:
+        raise ValueError(f"bad 'residual' entry in checkpoint: {value!r}")
+    return {"prior_indices": [int(i) for i in value["prior_indices"]],
+            "present_index": int(value["present_index"])}
+
+
+def build_network(model: str, in_channels: int, out_channels: int, params: dict,
+                  residual: dict | None, init: bool = False) -> torch.nn.Module:
+    """The registered model, wrapped in :class:`ResidualOnPrior` when ``residual`` is given.
+
+    ``init=True`` (a fresh model to train): the output layer of the wrapped model is zeroed, so
+    the model starts out predicting the prior.
+    """
+    net = build_model(model, in_channels, out_channels, **dict(params))
+    spec = _residual_spec(residual)
+    if spec is None:
+        return net
+    if init:
+        zero_init_output(net, out_channels)
+    return ResidualOnPrior(net, spec["prior_indices"], spec["present_index"])
+
+
 def model_from_checkpoint(ckpt: dict, device=None) -> torch.nn.Module:
-    """Rebuild the model of a loaded checkpoint, weights loaded, in eval mode."""
-    model = build_model(ckpt["model"], ckpt["in_channels"], ckpt["out_channels"],
-                        **dict(ckpt["model_params"]))
+    """Rebuild the model of a loaded checkpoint, weights loaded, in eval mode.
+
+    Checkpoints with a ``residual`` entry give a :class:`ResidualOnPrior` around the registered
+    model; older ones (no entry) the registered model itself.
+    """
+    model = build_network(ckpt["model"], ckpt["in_channels"], ckpt["out_channels"],
+                          ckpt["model_params"], ckpt.get("residual"))
     model.load_state_dict(ckpt["state_dict"])
     model.eval()
     model.to(device if device is not None else "cpu", memory_format=torch.channels_last)
@@ -326,7 +371,7 @@ def _plot_history(history: list[dict], out: Path) -> None:
 # training
 
 def _check_args(epochs, batch_size, lr, extra_mask_fraction, seed, patience, num_workers,
-                max_minutes):
+                max_minutes, residual):
     def integer(value, name, low):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -345,11 +390,13 @@ def _check_args(epochs, batch_size, lr, extra_mask_fraction, seed, patience, num
     if max_minutes is not None and (isinstance(max_minutes, bool) or not isinstance(
             max_minutes, numbers.Real) or max_minutes < 0):
         raise ValueError(f"max_minutes must be None or a number >= 0, got {max_minutes!r}")
+    if residual not in ("auto", True, False):
+        raise ValueError(f"residual must be 'auto', True or False, got {residual!r}")
 
 
 def train(tiles_dir, out_dir, *, model="unet", model_params=None, epochs=30, batch_size=16,
           lr=1e-3, k_neighbours=2, extra_mask_fraction=0.7, seed=0, device="auto", patience=5,
-          num_workers=0, resume=True, max_minutes=None, threads=None) -> dict:
+          num_workers=0, resume=True, max_minutes=None, threads=None, residual="auto") -> dict:
     """Train ``model`` on the export in ``tiles_dir``; write checkpoints and logs to ``out_dir``.
 
     Parameters
@@ -381,6 +428,10 @@ def train(tiles_dir, out_dir, *, model="unet", model_params=None, epochs=30, bat
         ``torch.set_num_threads`` for this call (restored after); None leaves it as it is.
         On a small machine shared with other jobs, pass the cores this job may use: more
         intra-op threads than free cores slows training down by an order of magnitude.
+    residual
+        ``"auto"`` (default): wrap the model in :class:`stfuse.models.ResidualOnPrior` when
+        the export holds the temporal prior channels; True: require them (ValueError
+        otherwise); False: a plain model, the prior (if any) is only an input.
 
     Returns a summary dict: ``epochs_run`` (in this call), ``last_epoch``, ``best_epoch``,
     ``best_val_loss``, ``samples_per_s`` (training, this call), ``seconds`` (this call),
@@ -392,14 +443,15 @@ def train(tiles_dir, out_dir, *, model="unet", model_params=None, epochs=30, bat
                       batch_size=batch_size, lr=lr, k_neighbours=k_neighbours,
                       extra_mask_fraction=extra_mask_fraction, seed=seed, device=device,
                       patience=patience, num_workers=num_workers, resume=resume,
-                      max_minutes=max_minutes)
+                      max_minutes=max_minutes, residual=residual)
 
 
 def _train(tiles_dir, out_dir, *, model, model_params, epochs, batch_size, lr, k_neighbours,
-           extra_mask_fraction, seed, device, patience, num_workers, resume, max_minutes):
+           extra_mask_fraction, seed, device, patience, num_workers, resume, max_minutes,
+           residual):
     t_start = time.perf_counter()
     _check_args(epochs, batch_size, lr, extra_mask_fraction, seed, patience, num_workers,
-                max_minutes)
+                max_minutes, residual)
     params = {} if model_params is None else dict(model_params)
     try:
         params = _plain(params)
@@ -427,6 +479,11 @@ def _train(tiles_dir, out_dir, *, model, model_params, epochs, batch_size, lr, k
         val_ds = GapFillDataset(tiles_dir, "train", k_neighbours=k_neighbours,
                                 extra_mask_seed=val_seed, extra_mask_fraction=VAL_MASK_FRACTION)
     meta = json.loads((tiles_dir / "channels.json").read_text())
+    prior_spec = train_ds.assembler.residual_spec()
+    if residual is True and prior_spec is None:
+        raise ValueError(f"residual=True, but {tiles_dir} has no temporal prior channels "
+                         "(export it with export_tiles(..., prior=True))")
+    residual_spec = prior_spec if residual in ("auto", True) else None
 
     config = {
         "tiles_dir": str(tiles_dir.resolve()), "model": model, "model_params": params,
@@ -436,9 +493,11 @@ def _train(tiles_dir, out_dir, *, model, model_params, epochs, batch_size, lr, k
         "num_workers": int(num_workers), "max_minutes": max_minutes, "loss": "masked_l1",
         "optimizer": "adam", "val_split": val_split, "val_mask_fraction": VAL_MASK_FRACTION,
         "val_mask_seed": val_seed, "torch_threads": torch.get_num_threads(),
+        "residual": residual_spec is not None,
     }
     base = {
-        "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
+        "format": CHECKPOINT_FORMAT,
+        "format_version": CHECKPOINT_VERSION if residual_spec is not None else 1,
         "model": model, "model_params": params,
         "in_channels": train_ds.n_input_channels, "out_channels": len(train_ds.target_channels),
         "input_channels": list(train_ds.input_channels),
@@ -449,13 +508,15 @@ def _train(tiles_dir, out_dir, *, model, model_params, epochs, batch_size, lr, k
         "tile_size": int(train_ds.size), "overlap": int(meta.get("overlap", 0)),
         "config": config,
         "versions": {"stfuse": str(stfuse.__version__), "torch": str(torch.__version__)},
+        "residual": residual_spec,
     }
 
     with _deterministic(dev):
         torch.manual_seed(seed)
         np.random.seed(seed)
         random.seed(seed)
-        net = build_model(model, base["in_channels"], base["out_channels"], **params)
+        net = build_network(model, base["in_channels"], base["out_channels"], params,
+                            residual_spec, init=True)
         multiple = size_multiple(net)
         if train_ds.size % multiple:
             raise ValueError(f"model {model!r} {params} needs tile sizes that are multiples of "
@@ -467,6 +528,7 @@ def _train(tiles_dir, out_dir, *, model, model_params, epochs, batch_size, lr, k
         history: list[dict] = []
         best_epoch, best_loss, since_best, start_epoch = None, math.inf, 0, 1
         stopped, resumed_from = None, None
+        best_saved = None  # what model.pt holds (less ``base``), also kept in last.pt
         last_path = out / LAST_FILE
         if resume and last_path.exists():
             last = load_checkpoint(last_path)
@@ -484,6 +546,13 @@ def _train(tiles_dir, out_dir, *, model, model_params, epochs, batch_size, lr, k
             start_epoch += 1
             if last.get("stopped") == "early_stopping":
                 stopped = "early_stopping"
+            best_saved = last.get("best_checkpoint")
+            if best_saved is not None and not (out / MODEL_FILE).exists():
+                # e.g. a workflow manager removed the killed job's outputs: if no later epoch
+                # improves, model.pt would never be written again
+                _save(dict(base, kind="best", **best_saved), out / MODEL_FILE)
+                logger.info("restored %s (epoch %s) from %s", MODEL_FILE, best_saved["epoch"],
+                            last_path)
             logger.info("resuming from %s: epoch %d done (best %s, val loss %s)", last_path,
                         last["epoch"], best_epoch, _finite_or_none(best_loss))
         elif not resume:
@@ -492,8 +561,9 @@ def _train(tiles_dir, out_dir, *, model, model_params, epochs, batch_size, lr, k
                     (out / name).unlink()
 
         n_params = sum(p.numel() for p in net.parameters())
-        logger.info("training %s %s (%d parameters) on %s%s: %d train / %d %s samples, "
-                    "%d input channels, tiles %d px, batch %d", model, params, n_params, dev,
+        logger.info("training %s %s%s (%d parameters) on %s%s: %d train / %d %s samples, "
+                    "%d input channels, tiles %d px, batch %d", model, params,
+                    " as a residual on the temporal prior" if residual_spec else "", n_params, dev,
                     " with mixed precision" if amp else "", len(train_ds), len(val_ds),
                     val_split, base["in_channels"], train_ds.size, batch_size)
         val_loader = DataLoader(val_ds, batch_size=batch_size, shuffle=False,
@@ -548,11 +618,13 @@ def _train(tiles_dir, out_dir, *, model, model_params, epochs, batch_size, lr, k
                             "best_val_loss": _finite_or_none(best_loss),
                             "history": [dict(h) for h in history]}
             if improved:
-                _save(dict(base, kind="best", state_dict=state, **summary_keys), out / MODEL_FILE)
+                best_saved = dict(state_dict=state, **summary_keys)
+                _save(dict(base, kind="best", **best_saved), out / MODEL_FILE)
             _save(dict(base, kind="last", state_dict=state, **summary_keys,
                        optimizer=optimizer.state_dict(),
                        scaler=scaler.state_dict() if amp else None,
-                       rng=_rng_state(dev), epochs_since_best=since_best, stopped=stopped),
+                       rng=_rng_state(dev), epochs_since_best=since_best, stopped=stopped,
+                       best_checkpoint=best_saved),
                   last_path)
             _write_history(history, out)
             _plot_history(history, out)
@@ -601,6 +673,8 @@ def _check_resumable(last: dict, base: dict, config: dict, path: Path) -> None:
     for key in ("input_channels", "target_channels", "tile_size"):
         if last[key] != base[key]:
             diffs.append(f"{key}: {last[key]!r} -> {base[key]!r}")
+    if _residual_spec(last.get("residual")) != base["residual"]:
+        diffs.append(f"residual: {last.get('residual')!r} -> {base['residual']!r}")
     if diffs:
         raise ValueError(f"cannot resume from {path}: it was trained with other settings "
                          f"({'; '.join(diffs)}); use resume=False or another out_dir")

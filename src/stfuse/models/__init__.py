@@ -15,6 +15,10 @@ inference code, which store and look up the model by name and keyword parameters
 Contract for a model: ``forward(x)`` maps (N, in_channels, s, s) to (N, out_channels, s, s);
 the output is the optical bands at the target date in normalised units. A model may set an
 integer attribute ``size_multiple`` (tile sizes must be multiples of it; default 1).
+
+:class:`ResidualOnPrior` (module :mod:`stfuse.models.residual`) wraps any such model so that it
+predicts a correction to the temporal prior found among its inputs; training builds it when
+the export holds the prior channels.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from typing import Callable
 
 import torch
 
-__all__ = ["register", "build_model", "available", "size_multiple"]
+__all__ = ["register", "build_model", "available", "size_multiple", "ResidualOnPrior",
+           "zero_init_output"]
 
 _REGISTRY: dict[str, Callable[..., torch.nn.Module]] = {}
 
@@ -66,3 +71,5 @@ def size_multiple(model: torch.nn.Module) -> int:
 
 for _info in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_info.name}")
+
+from stfuse.models.residual import ResidualOnPrior, zero_init_output  # noqa: E402
