@@ -1,0 +1,160 @@
+"""Slurm: the profiles (static checks, a dry run) and, for real, a one-node Slurm cluster running the demo.
+
+The cluster test starts the test cluster (scripts/slurm/start.sh: apt-get, munge, MariaDB, slurmdbd,
+slurmctld, slurmd), runs the demo through profiles/slurm and locally (scripts/slurm/run_demo.sh,
+which compares the outputs) and stops the cluster (scripts/slurm/stop.sh). It needs root and takes
+a few minutes; STFUSE_SKIP_SLURM=1 skips it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SLURM_SCRIPTS = ROOT / "scripts" / "slurm"
+SNAKEMAKE = Path(sys.executable).with_name("snakemake")
+STATE = Path(os.environ.get("STFUSE_SLURM_DIR", "/tmp/stfuse-slurm"))
+GPU_RULES = {"train_model", "predict"}
+RESOURCES = {"mem_mb", "runtime", "cpus_per_task"}
+
+
+def workflow_rules() -> dict[str, int]:
+    """Rules that run something (script/shell/run), with their `threads:`, from workflow/rules/*.smk."""
+    rules = {}
+    for smk in sorted((ROOT / "workflow" / "rules").glob("*.smk")):
+        blocks = re.split(r"^rule (\w+):\s*$", smk.read_text(), flags=re.M)
+        for name, body in zip(blocks[1::2], blocks[2::2]):
+            if re.search(r"^\s+(script|shell|run|wrapper|notebook):", body, flags=re.M):
+                threads = re.search(r"^\s+threads:\s*(\d+)", body, flags=re.M)
+                rules[name] = int(threads.group(1)) if threads else 1
+    return rules
+
+
+def profile(name: str) -> dict:
+    return yaml.safe_load((ROOT / "profiles" / name / "config.yaml").read_text())
+
+
+def test_slurm_profile_sets_resources_for_every_rule():
+    rules = workflow_rules()
+    assert {"scene", "ingest_project", "ingest_sensor", "pairing", "groups", "cube", "export_tiles",
+            "train_model", "predict", "register_filled", "holdout", "score"} <= set(rules)
+    prof = profile("slurm")
+    assert prof["executor"] == "slurm"
+    assert RESOURCES <= set(prof["default-resources"])
+    set_resources = prof["set-resources"]
+    assert set(set_resources) == set(rules), "set-resources must name exactly the workflow's rules"
+    for rule, threads in rules.items():
+        res = set_resources[rule]
+        assert RESOURCES <= set(res), f"{rule}: missing {RESOURCES - set(res)}"
+        assert res["cpus_per_task"] == threads, f"{rule}: cpus_per_task must equal threads: {threads}"
+        assert isinstance(res["runtime"], int) and res["runtime"] > 0
+        assert isinstance(res["mem_mb"], int) and res["mem_mb"] > 0
+        assert not {"gpu", "gres", "gpus"} & set(res), f"{rule}: GPUs are off in profiles/slurm"
+    for key in ("jobs", "restart-times", "latency-wait", "rerun-incomplete"):
+        assert key in prof
+
+
+def test_gpu_profile_is_the_slurm_profile_plus_one_gpu():
+    cpu, gpu = profile("slurm"), profile("slurm-gpu")
+    for rule in GPU_RULES:
+        assert gpu["set-resources"][rule].pop("gpu") == 1
+    assert gpu == cpu, "profiles/slurm-gpu must equal profiles/slurm except for the gpu requests"
+
+
+@pytest.mark.workflow
+def test_slurm_profile_dry_run_resolves_resources(tmp_path):
+    """The profile parses with the installed plugin and Snakemake applies its resources (no cluster needed)."""
+    pytest.importorskip("snakemake_executor_plugin_slurm", reason="snakemake-executor-plugin-slurm not installed")
+    proc = subprocess.run(
+        [str(SNAKEMAKE), "-s", str(ROOT / "Snakefile"), "--directory", str(tmp_path),
+         "--configfile", str(ROOT / "config/config.yaml"), "--profile", str(ROOT / "profiles/slurm"),
+         "--workflow-profile", "none", "--dry-run"],
+        capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    block = out[out.index("rule train_model:"):].split("\n\n")[0]
+    line = next(ln for ln in block.splitlines() if ln.strip().startswith("resources:"))
+    for item in ("mem_mb=8000", "runtime=120", "cpus_per_task=2"):
+        assert item in line.split(", ") or f" {item}" in line, line
+    assert "gpu" not in line
+
+
+def _cluster_skip_reason() -> str | None:
+    if os.environ.get("STFUSE_SKIP_SLURM") == "1":
+        return "STFUSE_SKIP_SLURM=1"
+    if os.geteuid() != 0:
+        return "needs root: scripts/slurm/start.sh installs Slurm with apt-get and starts system daemons"
+    have_slurm = all(shutil.which(c) for c in ("slurmctld", "slurmd", "sbatch", "munged"))
+    if not have_slurm and shutil.which("apt-get") is None:
+        return "Slurm is not installed and there is no apt-get to install it"
+    if shutil.which(os.environ.get("STFUSE_GRASS", "grass")) is None:
+        return "GRASS GIS is not installed (the demo workflow needs it)"
+    return None
+
+
+def _cluster_running() -> bool:
+    started = STATE / "started"
+    if not started.is_file() or not started.read_text().strip() or shutil.which("scontrol") is None:
+        return False
+    ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=30)
+    return "is UP" in ping.stdout
+
+
+def _run(script: str, *args: str, timeout: int) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(SLURM_SCRIPTS / script), *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "SNAKEMAKE": str(SNAKEMAKE)})
+
+
+@pytest.mark.workflow
+@pytest.mark.grass
+@pytest.mark.slow
+def test_demo_on_a_one_node_slurm_cluster_matches_the_local_run(tmp_path):
+    reason = _cluster_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    was_running = _cluster_running()
+    start = _run("start.sh", timeout=900)
+    out = start.stdout + start.stderr
+    if start.returncode == 3:
+        pytest.skip(f"Slurm could not be installed: {out.strip().splitlines()[-1]}")
+    if start.returncode == 4:
+        pytest.skip(f"a Slurm configuration not written by start.sh is present: {out.strip().splitlines()[-1]}")
+    try:
+        assert start.returncode == 0, out[-3000:]
+        assert "ready: srun hostname" in out
+        again = _run("start.sh", timeout=300)  # idempotent: finds the running daemons
+        assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+        assert "slurmctld already running" in again.stdout and "starting slurmctld" not in again.stdout
+
+        demo = _run("run_demo.sh", "--parallel", str(tmp_path / "demo"), timeout=1800)
+        summary_file = tmp_path / "demo" / "summary.json"
+        summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+        assert demo.returncode == 0, (demo.stdout + demo.stderr)[-4000:]
+        assert summary["ok"], summary["problems"]
+        assert summary["ingest_jsons"] == ["S1.json", "S2.json", "project.json"]
+        jobs = summary["slurm_jobs"]
+        assert len(jobs) == 16 and all(j["state"] == "COMPLETED" for j in jobs), jobs
+        assert {j["comment"].split("_wildcards")[0] for j in jobs} == {f"rule_{r}" for r in workflow_rules()}
+        if not summary["scores_bitwise_equal"]:  # allowed, but only within the tolerance (run_demo.sh)
+            print("scores.csv within tolerance, not bitwise:", summary["notes"])
+    finally:
+        if not was_running:  # left running when it was found running (someone else's cluster)
+            # stop.sh waits (up to STFUSE_SLURM_STOP_WAIT, 1800 s) for another session's run_demo.sh
+            stop = _run("stop.sh", timeout=2000)
+            assert stop.returncode == 0, stop.stdout + stop.stderr
+    if not was_running:
+        assert not _cluster_running()
+        for daemon in ("slurmctld", "slurmd", "slurmdbd", "mariadbd"):
+            pidfile = STATE / "run" / f"{daemon}.pid"
+            pid = pidfile.read_text().strip() if pidfile.is_file() else ""
+            comm = Path(f"/proc/{pid}/comm")
+            assert not (pid and comm.is_file() and comm.read_text().strip() == daemon), f"{daemon} still runs"
