@@ -578,7 +578,7 @@ def markdown(result) -> str:
                 lines.append(f"- {c['label']} {part} stages: {why}")
 
     rest = [c for c in GRIDS["full"]["data"] if list(c) not in [r["cell"] for r in ran]]
-    if ran and rest and result["args"]["grid"] != "tiny":
+    if ran and rest and min(c["cell"][1] for c in ran) >= 256:
         lines.extend(["\nExtrapolated to the full-grid cells not measured (time: measured x ratio^max(1, fitted "
                       "exponent), pessimistic; peak: x ratio^fitted exponent)\n",
                       "| cell | cube GB | data stages s | data peak GB | largest data stage | model stages s "
@@ -612,6 +612,8 @@ def report(result) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--grid", choices=sorted(GRIDS), default="small")
+    ap.add_argument("--cells", help="explicit cells instead of --grid, e.g. 50x256,100x256 (dates x side); all of "
+                                    "them get the model stages with --stages all")
     ap.add_argument("--stages", choices=["data", "all"], default="all")
     ap.add_argument("--json")
     ap.add_argument("--cell-budget", type=float, default=300.0,
@@ -637,6 +639,10 @@ def main() -> None:
     mem_limit_mb = 1024 * (args.mem_limit_gb or 0.8 * psutil.virtual_memory().available / 2**30)
 
     grid = GRIDS[args.grid]
+    if args.cells:
+        chosen = [tuple(int(v) for v in c.lower().split("x")) for c in args.cells.split(",")]
+        grid = dict(data=chosen, model=chosen)
+        args.grid = "custom"
     cells = sorted(set(grid["data"]), key=lambda c: (c[0] * c[1] ** 2, c[0]))
     root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="stfuse_scaling_"))
     root.mkdir(parents=True, exist_ok=True)
