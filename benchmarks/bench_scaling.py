@@ -9,8 +9,9 @@ The number of optical dates follows from start/end at the generator's 5-day revi
 Per cell:
 
 * `snakemake --dry-run` wall time (median of --dag-repeat runs) before running (fresh folder, the
-  whole DAG to plan) and after (everything requested up to date), next to `snakemake --version`
-  (interpreter + import cost, the floor of any Snakemake call);
+  whole DAG to plan) and after (everything requested up to date), interleaved with
+  `snakemake --version` (interpreter + imports + plugin discovery, the floor of any Snakemake call);
+  the difference is the DAG's own cost;
 * the data stages (scene, ingest, pairing, groups, cube, main tiles: target `tiles`);
 * with --stages all, on the cells the grid marks for it, the remaining stages (holdout, heldout tiles,
   train x2, predict x2, register, score: the default target) with a fixed small training budget
@@ -20,7 +21,9 @@ Per cell:
 Peak memory: the TSV's max_rss is Snakemake's psutil sample of the job's process tree, taken every
 0.5 s for the first ~15 s of a job and then only every 30 s, so it can miss the peak of long jobs.
 This script also samples each job's process tree itself every --sample-s seconds (jobs are told
-apart by their .snakemake/scripts file) and reports both.
+apart by their .snakemake/scripts file) and reports both, plus the tree's CPU seconds (user + system,
+waited-for GRASS modules included), which other work on a shared machine disturbs far less than wall
+time (not for the torch stages, whose threads spin while they wait for a core).
 
 The data stages of all cells run first, smallest first, then the model stages of the cells marked for
 them, smallest first. Before each part (data / model stages of a cell), its cost is extrapolated per
@@ -43,8 +46,12 @@ writes everything.
 
 Usage::
 
-    python benchmarks/bench_scaling.py [--grid small|full|tiny] [--stages data|all] [--json out.json]
-                                       [--cell-budget 300] [--workdir DIR --keep]
+    python benchmarks/bench_scaling.py [--grid small|full|tiny | --cells 50x256,100x256]
+                                       [--stages data|all] [--json out.json] [--cell-budget 300]
+                                       [--total-budget S] [--no-slurm-probe] [--workdir DIR --keep]
+    python benchmarks/bench_scaling.py --from-json out.json   # print the tables again
+
+The method and the measured results: docs/scaling.md.
 """
 
 from __future__ import annotations
@@ -331,7 +338,7 @@ def start_cell(root: Path, cell, args) -> tuple[Path, Path, dict]:
 def run_part(work: Path, cfg: Path, res: dict, part: str, args) -> None:
     """Run the data stages (target `tiles`) or everything else (default target) and collect the records."""
     targets = ["tiles"] if part == "data" else []
-    res["runs"][part] = run_snakemake(work, cfg, targets, args.sample_s, 4 * args.cell_budget)
+    res["runs"][part] = run_snakemake(work, cfg, targets, args.sample_s, max(600.0, 4 * args.cell_budget))
     res["run_wall_s"] = {k: r["wall_s"] for k, r in res["runs"].items()}
     res["tree_peak_mb"] = {k: r["tree_peak_mb"] for k, r in res["runs"].items()}
     study = res["study"]
@@ -410,7 +417,8 @@ def compute_growth(done: list[dict]) -> dict:
 
         wall = pts(lambda x: x["s"])
         growth[stage] = dict(
-            time=fit_growth(wall), time_top_pair=top_pair_slopes(wall), cpu=fit_growth(pts(lambda x: x.get("sampled_cpu_s"))),
+            time=fit_growth(wall), time_top_pair=top_pair_slopes(wall),
+            cpu=fit_growth(pts(lambda x: x.get("sampled_cpu_s"))),
             cpu_top_pair=top_pair_slopes(pts(lambda x: x.get("sampled_cpu_s"))),
             memory=fit_growth(pts(lambda x: value(x, "peak_mb"))),
             cells=[r["label"] for r in have])
@@ -423,10 +431,6 @@ def verdict(slope) -> str:
     if slope is None:
         return "n/a"
     return "sub-linear" if slope < LINEAR_BAND[0] else "super-linear" if slope > LINEAR_BAND[1] else "linear"
-
-
-def nominal_axes(res) -> tuple[float, float]:
-    return res["dates"], res["pixels"]
 
 
 def value(rec: dict, key: str) -> float | None:
@@ -450,7 +454,8 @@ def estimate(stage: str, cell, done: list[dict], key: str) -> float | None:
     low = 1.0 if key == "s" else 0.0
     e_d = min(2.0, max(low, fit.get("dates", 1.0)))
     e_p = min(2.0, max(low, fit.get("pixels", 1.0)))
-    return value(ref["stages"][stage], key) * (target[0] / ref["cell"][0]) ** e_d * (target[1] / ref["cell"][1] ** 2) ** e_p
+    ratio_d, ratio_p = target[0] / ref["cell"][0], target[1] / ref["cell"][1] ** 2
+    return value(ref["stages"][stage], key) * ratio_d ** e_d * ratio_p ** e_p
 
 
 def estimate_part(stages, cell, done) -> tuple[float | None, float | None]:
@@ -467,7 +472,8 @@ def estimate_part(stages, cell, done) -> tuple[float | None, float | None]:
 def machine() -> dict:
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor())
-    return dict(host=platform.node(), cpu=cpu, cores=os.cpu_count(), ram_gb=round(psutil.virtual_memory().total / 2**30, 1),
+    return dict(host=platform.node(), cpu=cpu, cores=os.cpu_count(),
+                ram_gb=round(psutil.virtual_memory().total / 2**30, 1),
                 python=platform.python_version(), platform=platform.platform())
 
 
@@ -520,8 +526,8 @@ def markdown(result) -> str:
                 "waited-for children included)", lambda r: r.get("sampled_cpu_s"))
 
     lines.extend(["\nCells: actual dates x pixels, cube size, DAG (snakemake --dry-run, default target, median of "
-                  f"{result['args']['dag_repeat']}, interleaved with `snakemake --version`, whose start-up cost is the floor of "
-                  f"any call; {result['snakemake_version_s']:.2f} s at the start of the run)\n",
+                  f"{result['args']['dag_repeat']}, interleaved with `snakemake --version`, whose start-up cost is "
+                  f"the floor of any call; {result['snakemake_version_s']:.2f} s at the start of the run)\n",
                   "| cell | dates | pixels | cube GB | jobs planned (fresh) | dry-run fresh s | dry-run after s "
                   "| --version s fresh, after | DAG s fresh, after (dry-run − version) "
                   "| run wall s | Snakemake tree peak MB | dominant stage | load avg 1 min before, after |",
@@ -531,7 +537,8 @@ def markdown(result) -> str:
         dom = max(c["stages"].items(), key=lambda kv: kv[1]["s"])
         lines.append(f"| {c['label']} | {c['dates']} | {c['pixels']:,} | {c['cube_gb']:.2f} | {c['dag_fresh']['jobs']} "
                      f"| {c['dag_fresh']['median_s']:.2f} | {c['dag_done']['median_s']:.2f} "
-                     f"| {fmt(c['dag_fresh'].get('version_median_s'), 2)}, {fmt(c['dag_done'].get('version_median_s'), 2)} "
+                     f"| {fmt(c['dag_fresh'].get('version_median_s'), 2)}, "
+                     f"{fmt(c['dag_done'].get('version_median_s'), 2)} "
                      f"| {fmt(c['dag_fresh'].get('dag_s'), 2)}, {fmt(c['dag_done'].get('dag_s'), 2)} "
                      f"| {sum(c['run_wall_s'].values()):.0f} | {max(c['tree_peak_mb'].values()):.0f} "
                      f"| {dom[0]} ({100 * dom[1]['s'] / tot:.0f} %) "
@@ -545,16 +552,18 @@ def markdown(result) -> str:
                       "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"])
         for c in thr:
             t = c["throughput"]
-            e2e = c["dates"] * c["pixels"] / 1e6 / c["stages"]["infer_main"]["s"] if "infer_main" in c["stages"] else None
-            lines.append(f"| {c['label']} | {t.get('train_main_samples', '–')} | {fmt(t.get('train_main_samples_per_s'))} "
+            e2e = (c["dates"] * c["pixels"] / 1e6 / c["stages"]["infer_main"]["s"]
+                   if "infer_main" in c["stages"] else None)
+            lines.append(f"| {c['label']} | {t.get('train_main_samples', '–')} "
+                         f"| {fmt(t.get('train_main_samples_per_s'))} "
                          f"| {fmt(t.get('train_heldout_samples_per_s'))} | {fmt(t.get('train_main_epoch_s'))} "
                          f"| {fmt(t.get('infer_main_mpx_per_s'), 2)} | {fmt(t.get('infer_heldout_mpx_per_s'), 2)} "
                          f"| {fmt(e2e, 2)} |")
 
     lines.extend([f"\nGrowth exponents: least squares on log y = a + b log dates + c log pixels over the cells "
                   f"measured (b, c ~1: linear; verdict linear for {LINEAR_BAND[0]}..{LINEAR_BAND[1]}). wall = TSV "
-                  "seconds, cpu = sampled CPU seconds of the job's tree (less sensitive to other load, except for the torch "
-                  "stages whose threads spin while waiting), top pair = wall / cpu slope between the two largest "
+                  "seconds, cpu = sampled CPU seconds of the job's tree (less sensitive to other load, except for the "
+                  "torch stages whose threads spin while waiting), top pair = wall / cpu slope between the two largest "
                   "levels of that axis (fixed per-job costs weigh less)\n",
                   "| stage | wall vs dates | cpu | top pair | verdict (dates) | wall vs pixels | cpu | top pair "
                   "| verdict (pixels) | peak MB vs dates | vs pixels |",
@@ -695,7 +704,14 @@ def main() -> None:
         t0 = time.perf_counter()
         work, cfg, res = start_cell(root, cell, args)
         res["estimate"] = entry["estimate"]
-        run_part(work, cfg, res, "data", args)
+        try:
+            run_part(work, cfg, res, "data", args)
+        except RuntimeError as err:  # record it and go on with the other cells
+            entry["skipped"] = {"data": f"failed: {str(err)[-300:]}"}
+            print(f"[{label(cell)}] data stages failed: {err}", file=sys.stderr, flush=True)
+            if not args.keep:
+                shutil.rmtree(work, ignore_errors=True)
+            continue
         print(f"[{label(cell)}] data stages done in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
         out[cell] = res
         done.append(res)
@@ -716,7 +732,11 @@ def main() -> None:
         else:
             print(f"[{label(cell)}] model stages (estimate {fmt(est[0])} s) ...", file=sys.stderr, flush=True)
             t0 = time.perf_counter()
-            run_part(work, cfg, res, "model", args)
+            try:
+                run_part(work, cfg, res, "model", args)
+            except RuntimeError as err:
+                res["skipped"] = {"model": f"failed: {str(err)[-300:]}"}
+                print(f"[{label(cell)}] model stages failed: {err}", file=sys.stderr, flush=True)
             print(f"[{label(cell)}] model stages done in {time.perf_counter() - t0:.0f} s", file=sys.stderr,
                   flush=True)
         finish_cell(work, cfg, res, args)
