@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import tempfile
 import logging
 import time
 from pathlib import Path
@@ -131,8 +132,6 @@ def import_static(gs, static: list[dict], project_state: dict) -> dict[str, str]
                                              line=[f"static[{i}]" for i in range(len(static))])))
     grid = grid_from_project(project_state)
     out = {}
-    import tempfile
-
     with tempfile.TemporaryDirectory(prefix="stfuse_static_") as tmp:
         for s, (_, row) in zip(static, rows.iterrows()):
             vrt = Path(tmp) / f"{s['name']}.vrt"
