@@ -5,10 +5,15 @@ CORES ?= 2
 SNAKEMAKE = $(VENV)/bin/snakemake
 PY = $(VENV)/bin/python
 
-.PHONY: setup demo test test-fast bench-ingest lint lock clean
+.PHONY: setup setup-slurm demo test test-fast bench-ingest lint lock clean
 
 setup:
 	bash scripts/setup.sh
+
+# Slurm only: the executor plugin, kept out of the default venv (it costs every local Snakemake start
+# ~9 s where a Slurm client is installed but no controller answers).
+setup-slurm: setup
+	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements-slurm.txt
 
 demo: setup
 	$(SNAKEMAKE) --profile profiles/default --cores $(CORES)

@@ -1,8 +1,13 @@
 # stfuse: fill cloud gaps in Sentinel-2 with Sentinel-1 inside GRASS GIS.
 # Thin on purpose: config and validation in common.smk, one rule file per stage.
+import os
+
 from snakemake.utils import min_version
 
 min_version("9.0")
+
+# The per-step conda envs (--sdm conda) pip-install stfuse from here; pip expands ${STFUSE_ROOT} there.
+os.environ["STFUSE_ROOT"] = workflow.basedir
 
 
 # The demo config, unless a study is given with --configfile (which would otherwise be merged into it).

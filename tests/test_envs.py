@@ -65,3 +65,36 @@ def test_env_parses_with_exact_pins_matching_the_lock(env):
         pip_name = CONDA_TO_PIP.get(name, name).lower().replace("_", "-")
         assert pip_name in pins, f"{env.name}: {name} is not in requirements.txt"
         assert pins[pip_name] == version, f"{env.name}: {name}={version} but requirements.txt has {pins[pip_name]}"
+
+
+def test_snakefile_exports_the_checkout_for_the_envs():
+    """The envs' `-e ${STFUSE_ROOT}` is filled from the Snakefile, with the workflow's own folder."""
+    assert re.search(r'^os\.environ\["STFUSE_ROOT"\] = workflow\.basedir$', (ROOT / "Snakefile").read_text(), re.M)
+
+
+@pytest.mark.parametrize("env", ENVS, ids=lambda p: p.name)
+def test_env_deploys_from_snakemakes_copy(env, tmp_path):
+    """Deploy the env file as Snakemake does -- a copy in <workdir>/.snakemake/conda/<hash>.yaml, from which
+    conda hands the pip section to pip in that folder -- and let pip itself resolve the local entries:
+    they must name this checkout (a relative `-e ../` resolved to .snakemake/ and failed)."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    conda_dir = tmp_path / "work" / ".snakemake" / "conda"
+    conda_dir.mkdir(parents=True)
+    copy = conda_dir / f"{hashlib.md5(env.read_bytes()).hexdigest()}.yaml"
+    copy.write_bytes(env.read_bytes())
+    pip_deps = next(d["pip"] for d in yaml.safe_load(copy.read_text())["dependencies"] if isinstance(d, dict))
+    local = [d for d in pip_deps if d.startswith("-e ") or "/" in d or d.startswith("$")]
+    assert local, f"{env.name}: stfuse itself is not installed by the env"
+    req = conda_dir / "condaenv.requirements.txt"
+    req.write_text("\n".join(local) + "\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "--no-index", "--no-build-isolation",
+         "--disable-pip-version-check", "-r", req.name],
+        cwd=conda_dir, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "STFUSE_ROOT": str(ROOT)})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Would install stfuse-" in proc.stdout, proc.stdout

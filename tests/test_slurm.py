@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,38 @@ def workflow_rules() -> dict[str, int]:
                 threads = re.search(r"^\s+threads:\s*(\d+)", body, flags=re.M)
                 rules[name] = int(threads.group(1)) if threads else 1
     return rules
+
+
+@pytest.fixture(scope="module")
+def slurm_plugin(tmp_path_factory) -> dict:
+    """Environment for a Snakemake that loads the Slurm executor plugin, without installing it in the venv.
+
+    The plugin is kept out of the default venv (requirements-slurm.txt, `make setup-slurm`): loaded, it
+    makes every Snakemake start wait on `scontrol`. Where the venv lacks it, it is installed into a
+    throwaway folder put on PYTHONPATH, so the tests leave no plugin (and no start-up delay) behind.
+    """
+    env = dict(os.environ)
+    probe = subprocess.run([sys.executable, "-c", "import snakemake_executor_plugin_slurm"], capture_output=True)
+    if probe.returncode == 0:
+        return env
+    target = tmp_path_factory.mktemp("slurm-plugin")
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
+                          "--target", str(target), "-r", str(ROOT / "requirements-slurm.txt")],
+                         capture_output=True, text=True, timeout=600)
+    if pip.returncode != 0:
+        pytest.skip(f"could not install the Slurm plugin from requirements-slurm.txt: {pip.stderr.strip()[-300:]}")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(target), env.get("PYTHONPATH", "")]))
+    return env
+
+
+def test_slurm_plugin_is_not_in_the_default_lock():
+    """Local runs never load the Slurm plugin: it is pinned apart, and its pins agree with the lock's."""
+    lock = (ROOT / "requirements.txt").read_text()
+    assert "snakemake-executor-plugin-slurm" not in lock
+    assert "snakemake-executor-plugin-slurm" not in (ROOT / "requirements.in").read_text()
+    extra = [ln for ln in (ROOT / "requirements-slurm.txt").read_text().splitlines() if ln and ln[0] != "#"]
+    assert extra == ["snakemake-executor-plugin-slurm==2.8.0", "snakemake-executor-plugin-slurm-jobstep==0.6.1"]
+    assert "setup-slurm:" in (ROOT / "Makefile").read_text()
 
 
 def profile(name: str) -> dict:
@@ -71,14 +104,13 @@ def test_gpu_profile_is_the_slurm_profile_plus_one_gpu():
 
 
 @pytest.mark.workflow
-def test_slurm_profile_dry_run_resolves_resources(tmp_path):
-    """The profile parses with the installed plugin and Snakemake applies its resources (no cluster needed)."""
-    pytest.importorskip("snakemake_executor_plugin_slurm", reason="snakemake-executor-plugin-slurm not installed")
+def test_slurm_profile_dry_run_resolves_resources(tmp_path, slurm_plugin):
+    """The profile parses with the pinned plugin and Snakemake applies its resources (no cluster needed)."""
     proc = subprocess.run(
         [str(SNAKEMAKE), "-s", str(ROOT / "Snakefile"), "--directory", str(tmp_path),
          "--configfile", str(ROOT / "config/config.yaml"), "--profile", str(ROOT / "profiles/slurm"),
          "--workflow-profile", "none", "--dry-run"],
-        capture_output=True, text=True, timeout=300)
+        capture_output=True, text=True, timeout=300, env=slurm_plugin)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     block = out[out.index("rule train_model:"):].split("\n\n")[0]
@@ -109,15 +141,15 @@ def _cluster_running() -> bool:
     return "is UP" in ping.stdout
 
 
-def _run(script: str, *args: str, timeout: int) -> subprocess.CompletedProcess:
+def _run(script: str, *args: str, timeout: int, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(SLURM_SCRIPTS / script), *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "SNAKEMAKE": str(SNAKEMAKE)})
+                          timeout=timeout, env={**(env or os.environ), "SNAKEMAKE": str(SNAKEMAKE)})
 
 
 @pytest.mark.workflow
 @pytest.mark.grass
 @pytest.mark.slow
-def test_demo_on_a_one_node_slurm_cluster_matches_the_local_run(tmp_path):
+def test_demo_on_a_one_node_slurm_cluster_matches_the_local_run(tmp_path, slurm_plugin):
     reason = _cluster_skip_reason()
     if reason:
         pytest.skip(reason)
@@ -135,7 +167,7 @@ def test_demo_on_a_one_node_slurm_cluster_matches_the_local_run(tmp_path):
         assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
         assert "slurmctld already running" in again.stdout and "starting slurmctld" not in again.stdout
 
-        demo = _run("run_demo.sh", "--parallel", str(tmp_path / "demo"), timeout=1800)
+        demo = _run("run_demo.sh", "--parallel", str(tmp_path / "demo"), timeout=1800, env=slurm_plugin)
         summary_file = tmp_path / "demo" / "summary.json"
         summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
         assert demo.returncode == 0, (demo.stdout + demo.stderr)[-4000:]
@@ -158,3 +190,9 @@ def test_demo_on_a_one_node_slurm_cluster_matches_the_local_run(tmp_path):
             pid = pidfile.read_text().strip() if pidfile.is_file() else ""
             comm = Path(f"/proc/{pid}/comm")
             assert not (pid and comm.is_file() and comm.read_text().strip() == daemon), f"{daemon} still runs"
+    # Left behind: the Slurm client, no controller. A local Snakemake start must not wait on it.
+    probe = subprocess.run([sys.executable, "-c", "import snakemake_executor_plugin_slurm"], capture_output=True)
+    if probe.returncode != 0:
+        t0 = time.perf_counter()
+        subprocess.run([str(SNAKEMAKE), "--version"], capture_output=True, check=True, timeout=120)
+        assert time.perf_counter() - t0 < 5, "snakemake --version waits on Slurm after the cluster test"

@@ -34,7 +34,7 @@ die() { local code=$1; shift; printf '[slurm-demo] ERROR: %s\n' "$*" >&2; exit "
 
 [ -x "$SNAKEMAKE" ] || die 2 "no $SNAKEMAKE (run scripts/setup.sh first)"
 "$PY" -c 'import snakemake_executor_plugin_slurm' 2>/dev/null \
-  || die 2 "snakemake-executor-plugin-slurm is not installed in $(dirname "$SNAKEMAKE")/.. (pip install -r requirements.txt)"
+  || die 2 "snakemake-executor-plugin-slurm is not importable by $PY (make setup-slurm installs it into the venv; or put a folder holding it on PYTHONPATH)"
 command -v sbatch >/dev/null 2>&1 && sinfo -h >/dev/null 2>&1 \
   || die 2 "no Slurm cluster answers (start the test cluster with scripts/slurm/start.sh)"
 case "$WORK" in /*) ;; *) WORK=$PWD/$WORK ;; esac
