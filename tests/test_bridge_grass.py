@@ -138,3 +138,81 @@ def test_missing_and_empty_and_relative_strds(project):
             temporal.registered_maps(tgis, "rel@odd")
         with pytest.raises(temporal.DatasetError, match="empty@odd is empty"):
             temporal.registered_maps(tgis, "empty@odd")
+
+
+def _shift_out_of_region(tif, metres=10_000.0):
+    """Move a raster's georeference `metres` east: it then lies wholly outside the optical region."""
+    import rasterio
+    from rasterio.transform import Affine
+
+    with rasterio.open(tif, "r+") as ds:
+        t = ds.transform
+        ds.transform = Affine(t.a, t.b, t.c + metres, t.d, t.e, t.f)
+
+
+def _ingest_with_sar_moved(root, moved):
+    """A tiny scene whose SAR granules at the times `moved(times)` picks lie outside the region, ingested."""
+    from stfuse import ingest
+
+    from _scene import sensors, tiny_scene
+
+    scene = tiny_scene(root / "scene")
+    m = pd.read_csv(scene)
+    s1 = m[m.sensor == "S1"]
+    times = sorted(s1.start_time.unique())
+    for path in s1[s1.start_time.isin(moved(times))].path:
+        _shift_out_of_region(scene.parent / path)
+    checked = root / "checked.csv"
+    state = ingest.prepare_project(scene, sensors(), {}, root / "grassdata" / "tiny", checked)
+    states = {s: ingest.ingest_sensor(state, checked, s, spec) for s, spec in sensors().items()}
+    return scene, state, states
+
+
+def test_pairing_skips_sar_granules_without_data_in_the_region(tmp_path):
+    m_times = {}
+
+    def nearest_to_first_optical(times):
+        m_times["all"] = times
+        return [times[0]]  # the first SAR granule (the nearest one of the first optical date)
+
+    scene, state, states = _ingest_with_sar_moved(tmp_path, nearest_to_first_optical)
+    empty_id = f"S1_{temporal.stamp(pd.Timestamp(m_times['all'][0]))}"
+    summary = bridge.pairing_step(state, states["S2"], states["S1"], tmp_path / "pairing", max_gap_days=40)
+    sar = pd.read_csv(tmp_path / "pairing" / "sar.csv").set_index("id")
+    assert sar.loc[empty_id, "data_fraction"] == 0.0
+    assert (sar.drop(index=empty_id).data_fraction == 1.0).all()
+    pairs = pd.read_csv(tmp_path / "pairing" / "pairs.csv")
+    assert empty_id not in set(pairs.sar_id)
+    # the first optical date (0.28 d before the empty granule) pairs with the next one, 6.3 d later
+    assert pairs.gap_days.iloc[0] == pytest.approx(6.28, abs=0.01)
+    assert summary["paired"] == summary["optical"] and summary["sar_without_data"] == 1
+    # a max gap that only the empty granule meets: the first optical date is unpaired, saying why
+    opt = pd.read_csv(tmp_path / "pairing" / "optical.csv")
+    first = pd.Timestamp(opt.start_time.iloc[0])
+    gap = abs((pd.Timestamp(m_times["all"][0]) - first).total_seconds()) / 86400
+    bridge.pairing_step(state, states["S2"], states["S1"], tmp_path / "tight", max_gap_days=gap + 0.01)
+    unpaired = pd.read_csv(tmp_path / "tight" / "unpaired.csv").set_index("optical_id")
+    reason = unpaired.loc[opt.id.iloc[0], "reason"]  # the next SAR granule is 6 days later
+    assert reason.startswith("no SAR granule with data in the region within")
+    assert reason.endswith(f"{empty_id} (0.28 days after) has no data in the region")
+
+
+def test_sar_series_wholly_outside_the_region_is_refused(tmp_path):
+    scene, state, states = _ingest_with_sar_moved(tmp_path, lambda times: times)
+    with pytest.raises(temporal.DatasetError) as err:
+        bridge.pairing_step(state, states["S2"], states["S1"], tmp_path / "pairing", max_gap_days=6)
+    text = str(err.value)
+    assert "STRDS S1@ingest_S1 has no data in the study region" in text
+    r = state["region"]
+    assert f"W {r['west']:g}, E {r['east']:g}" in text
+
+
+def test_clear_fraction_counts_only_cells_observed_at_least_once(project):
+    root, scene, state, states = project
+    grass.own_mapset(state["project"], "footprint")
+    with grass.session(state["project"], "footprint") as gs:
+        # left half never observed (null on every date); right half clear on date a, half clear on date b
+        gs.run_command("r.mapcalc", expression="va = if(col() <= 16, null(), 1)", quiet=True)
+        gs.run_command("r.mapcalc", expression="vb = if(col() <= 16, null(), if(row() <= 16, 1, 0))", quiet=True)
+        got = bridge.clear_fractions(["va@footprint", "vb@footprint"])
+    np.testing.assert_allclose(got, [1.0, 0.5])

@@ -28,7 +28,7 @@ def lock() -> dict:
 def rule_blocks():
     for smk in sorted((ROOT / "workflow" / "rules").glob("*.smk")):
         text = smk.read_text()
-        for m in re.finditer(r"^rule (\w+):\n(.*?)(?=^rule |\Z)", text, re.M | re.S):
+        for m in re.finditer(r"^(?:rule|checkpoint) (\w+):\n(.*?)(?=^(?:rule|checkpoint) |\Z)", text, re.M | re.S):
             yield smk.name, m.group(1), m.group(2)
 
 

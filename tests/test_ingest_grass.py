@@ -150,3 +150,40 @@ def test_existing_project_missing_label_and_relative_time(user_project):
         existing.prepare_project(user_project, "stfuse", {"S2": "rel@stfuse_rel", "S1": "S1@ingest_S1"}, sensors(), {})
     with pytest.raises(existing.InputError, match="STRDS empty@stfuse_rel is empty"):
         existing.prepare_project(user_project, "stfuse", {"S2": "empty@stfuse_rel", "S1": "S1@ingest_S1"}, sensors(), {})
+
+
+def test_optical_sensor_without_mask_band_is_valid_where_every_band_has_data(tmp_path):
+    """mask: null (or no mask key): nodata is the only mask; the validity STRDS still exists."""
+    from _scene import tiny_scene
+
+    scene = tiny_scene(tmp_path / "scene")
+    m = pd.read_csv(scene)
+    m = m[m.semantic_label != "SCL"]
+    m.to_csv(scene, index=False)
+    first = sorted(m[m.sensor == "S2"].start_time.unique())[0]
+    rows = m[(m.sensor == "S2") & (m.start_time == first)]
+    for band, path in zip(rows.semantic_label, rows.path):
+        with rasterio.open(scene.parent / path, "r+") as ds:
+            dn = ds.read(1)
+            dn[28:] = 0  # no band has data: null validity
+            if band == "B02":
+                dn[:4] = 0  # one band lacks data: validity 0
+            ds.write(dn, 1)
+    spec = sensors()
+    spec["S2"]["mask"] = None
+    checked = tmp_path / "checked.csv"
+    project = ingest.prepare_project(scene, spec, {}, tmp_path / "grassdata" / "nomask", checked)
+    for variant in ("null", "absent"):
+        if variant == "absent":
+            del spec["S2"]["mask"]
+        state = ingest.ingest_sensor(project, checked, "S2", spec["S2"])
+        assert state["valid_strds"] == "S2_valid@ingest_S2" and state["mask_band"] is None
+        g = state["granules"][0]
+        assert "mask_band" not in g and g["valid"].startswith("S2_valid_")
+        got = _read(project["project"], "ingest_S2", g["valid"])
+        want = np.ones((32, 32))
+        want[:4] = 0.0
+        want[28:] = np.nan
+        np.testing.assert_array_equal(got, want)
+        rows = _strds_rows(project["project"], "ingest_S2", state["valid_strds"])
+        assert len(rows) == len(state["granules"])

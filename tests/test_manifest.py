@@ -166,3 +166,114 @@ def test_vrt_places_coarse_source_on_fine_grid(scene):
     assert fine.shape == (grid.height, grid.width)
     np.testing.assert_allclose(fine[::2, ::2], coarse * 2.0 + 1.0, rtol=1e-6)
     np.testing.assert_allclose(fine[1::2, 1::2], coarse * 2.0 + 1.0, rtol=1e-6)
+
+
+# --- late errors made early (issue 9) ---
+
+
+def _truncate(path, fraction=0.6):
+    """Rewrite a GeoTIFF uncompressed (same grid and values), then cut it to `fraction` of its bytes."""
+    with rasterio.open(path) as src:
+        data, profile = src.read(), src.profile
+    profile.update(compress=None, tiled=False)
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(data)
+    raw = path.read_bytes()
+    path.write_bytes(raw[: int(len(raw) * fraction)])
+
+
+def test_truncated_file_is_named_before_grass(copy_scene, tmp_path):
+    path, df = copy_scene
+    line = int(df.index[(df.sensor == "S2") & (df.semantic_label == "B08")][1]) + 2
+    victim = path.parent / df.loc[line - 2, "path"]
+    _truncate(victim)
+    with rasterio.open(victim) as ds:  # the header survived: only reading pixels fails
+        assert ds.width == 32
+    project = tmp_path / "grassdata" / "study"
+    with pytest.raises(ManifestError, match=rf"manifest.csv:{line}: file .*{victim.name} has a valid header but its "
+                                            r"pixels cannot be read \(truncated or corrupt"):
+        ingest.prepare_project(path, sensors(), {}, project, tmp_path / "checked.csv")
+    assert not (tmp_path / "grassdata").exists() and not (tmp_path / "checked.csv").exists()
+
+
+def test_acquisitions_less_than_a_second_apart_name_both_lines(copy_scene):
+    path, df = copy_scene
+    s2_times = sorted(df[df.sensor == "S2"].start_time.unique())
+    first, second = s2_times[0], s2_times[1]
+    close = (pd.Timestamp(first) + pd.Timedelta(milliseconds=400)).isoformat().replace("+00:00", "Z")
+    df.loc[df.start_time == second, "start_time"] = close
+    a = int(df.index[df.start_time == first].min()) + 2
+    b = int(df.index[df.start_time == close].min()) + 2
+    lo, hi = sorted((a, b))
+    with pytest.raises(ManifestError, match=rf"manifest.csv:{hi}: S2 acquisition .* is only 0.4 s after the one on "
+                                            rf"line {lo} .*one-second resolution"):
+        manifest.load(save(df, path), sensors())
+
+
+def test_one_band_a_fraction_of_a_second_off_is_named(copy_scene):
+    path, df = copy_scene
+    row = int(df.index[(df.sensor == "S2") & (df.semantic_label == "B04")][0])
+    df.loc[row, "start_time"] = df.loc[row, "start_time"].replace("Z", ".300Z")
+    with pytest.raises(ManifestError, match=rf"manifest.csv:{row + 2}: S2 acquisition .* is only 0.3 s after"):
+        manifest.load(save(df, path), sensors())
+
+
+def test_scale_overflowing_float32_for_the_file_dtype_names_line_and_key(scene):
+    cfg = sensors()
+    cfg["S2"]["scale"] = 1e35  # fine as a number, but uint16 65535 * 1e35 > float32 max
+    with pytest.raises(ManifestError, match=r"manifest.csv:\d+: file .* is uint16; its range times config key "
+                                            r"sensors.S2.scale \(1e\+35\).* beyond float32"):
+        manifest.load(scene, cfg)
+    # the mask band is imported unscaled, and float files (S1 here) are not judged by their dtype range
+    cfg = sensors()
+    cfg["S1"]["scale"] = 1e30
+    manifest.load(scene, cfg)
+
+
+def test_tile_size_larger_than_the_data_region(copy_scene, tmp_path):
+    path, _ = copy_scene
+    with pytest.raises(ManifestError, match=r"config key tiles.size \(64\) is larger than the region from the data "
+                                            r"\(32 x 32 cells\); use a size <= 32"):
+        manifest.load(path, sensors(), tile_size=64)
+    manifest.load(path, sensors(), tile_size=32)
+    with pytest.raises(ManifestError, match="tiles.size"):
+        ingest.prepare_project(path, sensors(), {}, tmp_path / "grassdata" / "s", tmp_path / "c.csv", tile_size=40)
+    assert not (tmp_path / "grassdata").exists()
+
+
+class _Proc:
+    def __init__(self, rc):
+        self.rc, self.waited = rc, False
+
+    def wait(self):
+        self.waited = True
+        return self.rc
+
+
+def test_failed_band_import_is_reported_with_its_own_band(scene, monkeypatch):
+    """r.in.gdal of B08 fails: the error names B08 (it used to name the band started after it)."""
+    import sys
+    import types
+
+    fake_grass = types.ModuleType("grass")
+    fake_grass.temporal = types.SimpleNamespace(init=lambda: None)
+    monkeypatch.setitem(sys.modules, "grass", fake_grass)
+    monkeypatch.setitem(sys.modules, "grass.temporal", fake_grass.temporal)
+    procs = []
+
+    class GS:
+        def gisenv(self):
+            return {"MAPSET": "m"}
+
+        def run_command(self, *a, **kw):
+            if a[0] != "g.region":
+                raise AssertionError(f"{a[0]} ran after a failed import")
+
+        def start_command(self, module, input, **kw):
+            procs.append(_Proc(1 if input.endswith("B08.vrt") else 0))
+            return procs[-1]
+
+    df, grid = manifest.load(scene, sensors())
+    with pytest.raises(RuntimeError, match=r"importing S2 band B08 \("):
+        ingest.import_sensor(GS(), df[df.sensor == "S2"], grid, "S2", sensors()["S2"])
+    assert all(p.waited for p in procs)  # nothing left running behind the error

@@ -267,3 +267,22 @@ def test_score_without_bins_has_only_all_rows():
     assert isinstance(df, pd.DataFrame)
     # 3 bands x (mae, rmse, psnr, ssim) + all x (mae, rmse, psnr, sam, ssim)
     assert len(df) == 3 * 4 + 5
+
+
+def test_clear_and_cloud_fractions_count_only_cells_observed_at_least_once():
+    from stfuse.metrics import clear_fraction
+
+    # a footprint that covers the left half of the region: the right half is never observed
+    valid = np.zeros((3, 4, 8), bool)
+    valid[0, :, :4] = True          # fully clear inside the footprint
+    valid[1, :2, :4] = True         # half cloudy
+    observed = np.zeros((4, 8), bool)
+    observed[:, :4] = True
+    np.testing.assert_allclose(clear_fraction(valid, observed), [1.0, 0.5, 0.0])
+    np.testing.assert_allclose(clear_fraction(valid), [0.5, 0.25, 0.0])  # None: every cell
+    np.testing.assert_array_equal(clear_fraction(valid, np.zeros((4, 8), bool)), [0, 0, 0])
+    # date 1 is a donor at 50 % cloud over the footprint (it looked 75 % cloudy over the region)
+    hidden = transplant_masks(valid, [0], seed=0, min_fraction=0.4, max_fraction=0.6, observed=observed)
+    np.testing.assert_array_equal(hidden[0], valid[0] & ~valid[1])
+    with pytest.raises(ValueError, match="donor"):
+        transplant_masks(valid, [0], seed=0, min_fraction=0.4, max_fraction=0.6)

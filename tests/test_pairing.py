@@ -433,3 +433,49 @@ def test_summarise():
         "paired 3 of 4 optical granules (mode nearest, max gap 3 d, median |gap| 1.0 d); 1 unpaired")
     pairs, unpaired = pair_sensors(opt, sar, 3, mode="k_nearest", k=2)
     assert summarise(pairs, unpaired).startswith("paired 3 of 4 optical granules (mode k_nearest, k 2,")
+
+
+# ------------------------------------------------------------------- SAR granules without data
+
+
+def test_sar_granules_without_data_in_the_region_are_never_paired():
+    # the empty granule 2 days away loses to the one with data 5 days away
+    opt = granules([0, 20], prefix="o")
+    sar = granules([-2, 5, 21], ids=["empty", "full", "late"], data_fraction=[0.0, 0.8, 1.0])
+    pairs, unpaired = pair_sensors(opt, sar, max_gap_days=6, coverage="data_fraction")
+    assert unpaired.empty
+    assert as_tuples(pairs) == [("o000", "full", 1), ("o001", "late", 1)]
+    assert pairs["sar_data_fraction"].tolist() == [0.8, 1.0]
+    # without the coverage column the empty granule wins (the old behaviour)
+    pairs, _ = pair_sensors(opt, sar, max_gap_days=6)
+    assert pairs["sar_id"].iloc[0] == "empty"
+    # k_nearest skips it too
+    pairs, _ = pair_sensors(opt, sar, max_gap_days=30, mode="k_nearest", k=2, coverage="data_fraction")
+    assert "empty" not in set(pairs["sar_id"])
+
+
+def test_optical_date_whose_only_candidates_are_empty_is_unpaired_with_that_reason():
+    opt = granules([0, 10], prefix="o")
+    sar = granules([-2, 1.5, 9], ids=["e1", "e2", "ok"], data_fraction=[0.0, 0.0, 0.5])
+    pairs, unpaired = pair_sensors(opt, sar, max_gap_days=3, coverage="data_fraction")
+    assert as_tuples(pairs) == [("o001", "ok", 1)]
+    assert list(unpaired.columns) == list(UNPAIRED_COLUMNS)
+    assert unpaired["optical_id"].tolist() == ["o000"]
+    reason = unpaired["reason"].iloc[0]
+    assert reason == ("no SAR granule with data in the region within 3 days (nearest is 9 days after); "
+                      "e2 (1.5 days after) has no data in the region")
+    _, unpaired = pair_sensors(opt, sar, max_gap_days=3, mode="before", coverage="data_fraction")
+    assert "e1 (2 days before) has no data in the region" in unpaired["reason"].iloc[0]
+
+
+def test_sar_series_without_any_data_in_the_region_is_refused():
+    from stfuse.pairing import NoSarDataError
+
+    opt = granules([0], prefix="o")
+    sar = granules([0, 1], data_fraction=[0.0, 0.0])
+    with pytest.raises(NoSarDataError, match="none of the 2 SAR granules has data in the region"):
+        pair_sensors(opt, sar, 3, coverage="data_fraction")
+    with pytest.raises(ValueError, match="missing values"):
+        pair_sensors(opt, sar.assign(data_fraction=[np.nan, 1.0]), 3, coverage="data_fraction")
+    with pytest.raises(ValueError, match="missing required column"):
+        pair_sensors(opt, sar, 3, coverage="coverage")

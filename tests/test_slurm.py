@@ -32,7 +32,7 @@ def workflow_rules() -> dict[str, int]:
     """Rules that run something (script/shell/run), with their `threads:`, from workflow/rules/*.smk."""
     rules = {}
     for smk in sorted((ROOT / "workflow" / "rules").glob("*.smk")):
-        blocks = re.split(r"^rule (\w+):\s*$", smk.read_text(), flags=re.M)
+        blocks = re.split(r"^(?:rule|checkpoint) (\w+):\s*$", smk.read_text(), flags=re.M)
         for name, body in zip(blocks[1::2], blocks[2::2]):
             if re.search(r"^\s+(script|shell|run|wrapper|notebook):", body, flags=re.M):
                 threads = re.search(r"^\s+threads:\s*(\d+)", body, flags=re.M)

@@ -248,9 +248,10 @@ def test_resume_equals_uninterrupted(tiles_dir, tmp_path):
     assert again["epochs_run"] == 0 and again["stopped"] == "epochs"
     assert_same_state(state(tmp_path / "straight" / "model.pt"),
                       state(tmp_path / "resumed" / "model.pt"))
-    # other settings: refuse to resume, unless resume=False
-    with pytest.raises(ValueError, match="cannot resume.*lr"):
-        train(tiles_dir, tmp_path / "resumed", epochs=5, lr=0.01, **FAST)
+    # other settings: start afresh (and say why), as with resume=False
+    other = train(tiles_dir, tmp_path / "resumed", epochs=1, lr=0.01, **FAST)
+    assert other["resumed_from"] is None and other["restart_reason"] == "lr: 0.001 -> 0.01"
+    assert other["epochs_run"] == 1
     fresh = train(tiles_dir, tmp_path / "resumed", epochs=1, lr=0.01, resume=False, **FAST)
     assert fresh["resumed_from"] is None and fresh["epochs_run"] == 1
 
@@ -387,6 +388,7 @@ def test_without_prior_plain_model_and_old_checkpoints(old_tiles_dir, tiles_dir,
     plain = load_checkpoint(tmp_path / "plain" / "model.pt")
     assert plain["residual"] is None and plain["input_channels"][-1] == "prior_present@t"
     assert not isinstance(model_from_checkpoint(plain), ResidualOnPrior)
-    # resuming with the other setting is refused
-    with pytest.raises(ValueError, match="cannot resume.*residual"):
-        train(tiles_dir, tmp_path / "plain", epochs=2, **FAST)
+    # the other setting starts afresh instead of resuming
+    s = train(tiles_dir, tmp_path / "plain", epochs=1, **FAST)
+    assert s["resumed_from"] is None and s["restart_reason"] == "residual: False -> True"
+    assert load_checkpoint(tmp_path / "plain" / "model.pt")["residual"] is not None

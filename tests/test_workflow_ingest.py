@@ -58,7 +58,7 @@ def test_ingest_stage_on_mol_2023(tmp_path):
         (lambda c: c["sensors"]["S2"].update(scael=0.1), "'scael' was unexpected"),
         (lambda c: c["sensors"]["S1"].update(role="radar"), "'radar' is not one of"),
         (lambda c: c["input"]["synthetic"].update(width="wide"), "'wide' is not of type 'integer'"),
-        (lambda c: c["sensors"]["S2"].pop("mask"), "sensors.S2.mask"),
+        (lambda c: c["sensors"]["S2"]["mask"].update(band="B02"), "sensors.S2.mask.band"),
     ],
 )
 def test_config_typos_fail_at_once_naming_the_key(tmp_path, edit, message):
@@ -74,14 +74,14 @@ def test_config_typos_fail_at_once_naming_the_key(tmp_path, edit, message):
 
 
 def test_bad_manifest_fails_before_grass_is_touched(tmp_path):
-    rows = [f"{b}.tif,S2,{b},2021-05-01T10:00:00Z" for b in ("B02", "B03", "B04", "B08", "SCL")]
+    rows = [f"{b}.tif,S2,{b},2021-05-0{d}T10:00:00Z" for d in (1, 4, 7) for b in ("B02", "B03", "B04", "B08", "SCL")]
     rows += [f"{b}.tif,S1,{b},2021-05-02T17:00:00Z" for b in ("VV", "VH")]
     (tmp_path / "m.csv").write_text("path,sensor,semantic_label,start_time\n" + "\n".join(rows) + "\n")
     cfg = write_config(tmp_path / "c.yaml", "broken", {"manifest": str(tmp_path / "m.csv")})
     proc = run_snakemake(tmp_path, cfg, "ingest")
     assert proc.returncode != 0
     log = (tmp_path / "logs/broken/ingest/project.log").read_text()
-    assert "m.csv:8: file" in log and "VH.tif does not exist" in log
+    assert "m.csv:18: file" in log and "VH.tif does not exist" in log
     assert not (tmp_path / "results/broken/grassdata").exists()
 
 

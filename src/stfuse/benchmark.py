@@ -30,6 +30,21 @@ def _indices(channels: list[dict], kind: str) -> list[int]:
     return [i for i, c in enumerate(channels) if c["kind"] == kind]
 
 
+class BenchmarkNotPossible(ValueError):
+    """The study's data cannot support the benchmark; the message says why (and which config key helps)."""
+
+
+def observed_cells(cube: np.ndarray, channels: list[dict]) -> np.ndarray:
+    """(H, W) cells observed at least once: the ``valid`` channel is not NaN on some date (the footprint)."""
+    return np.isfinite(cube[:, _indices(channels, "valid")[0]]).any(axis=0)
+
+
+def _fractions_text(frac: np.ndarray) -> str:
+    if len(frac) <= 24:
+        return ", ".join(f"{f:.2f}" for f in frac)
+    return f"min {frac.min():.2f}, median {np.median(frac):.2f}, max {frac.max():.2f} over {len(frac)} dates"
+
+
 def observed(cube: np.ndarray, channels: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     """Optical bands (T, B, H, W) with NaN wherever the cell is not clear, and the clear mask (T, H, W)."""
     opt, valid = _indices(channels, "optical"), _indices(channels, "valid")[0]
@@ -41,22 +56,76 @@ def observed(cube: np.ndarray, channels: list[dict]) -> tuple[np.ndarray, np.nda
 
 def choose_holdout(cube: np.ndarray, meta: dict, *, min_clear: float, seed: int, min_fraction: float = 0.05,
                    max_fraction: float = 0.7, max_dates: int | None = None) -> tuple[np.ndarray, list[int]]:
-    """Evaluation dates (clear fraction >= min_clear) and the hidden cells transplanted onto them."""
+    """Evaluation dates (clear fraction >= min_clear) and the hidden cells transplanted onto them.
+
+    Clear and cloud fractions are over the cells observed at least once (:func:`stfuse.metrics.clear_fraction`),
+    so cells outside the optical footprint count neither as clear nor as cloud. Raises
+    :class:`BenchmarkNotPossible` when the data cannot support the benchmark: no date is clear enough, an
+    evaluation date has no donor date whose cloud fraction lies within [min_fraction, max_fraction], or the
+    hidden cells would leave no clear cell on any date to train the heldout model on.
+    """
     _, clear = observed(cube, meta["channels"])
-    frac = clear.reshape(len(clear), -1).mean(axis=1)
+    seen = observed_cells(cube, meta["channels"])
+    frac = metrics.clear_fraction(clear, seen)
+    dates = [d["start_time"] for d in meta["dates"]]
     eval_dates = [int(t) for t in np.flatnonzero(frac >= min_clear)]
     if max_dates is not None and len(eval_dates) > max_dates:
         rng = np.random.default_rng(seed)
         eval_dates = sorted(int(t) for t in rng.choice(eval_dates, size=max_dates, replace=False))
     if not eval_dates:
-        raise ValueError(
-            f"no optical date is clear enough to evaluate on (best clear fraction {frac.max():.2f} < "
+        best = f"{frac.max():.2f}" if len(frac) else "none: no optical date"
+        raise BenchmarkNotPossible(
+            f"no optical date is clear enough to evaluate on (best clear fraction {best} < "
             f"benchmark.min_clear {min_clear}); lower config key benchmark.min_clear"
         )
-    hidden = metrics.transplant_masks(clear, eval_dates, seed, min_fraction=min_fraction, max_fraction=max_fraction)
+    cloud = 1.0 - frac
+    donors = (cloud >= min_fraction) & (cloud <= max_fraction)
+    for e in eval_dates:
+        if not np.delete(donors, e).any():
+            raise BenchmarkNotPossible(
+                f"no donor cloud mask for evaluation date {dates[e]}: no other date has a cloud fraction within "
+                f"[{min_fraction}, {max_fraction}] (config keys benchmark.min_mask_fraction and "
+                f"benchmark.max_mask_fraction; the dates' cloud fractions: {_fractions_text(cloud)})"
+            )
+    hidden = metrics.transplant_masks(clear, eval_dates, seed, min_fraction=min_fraction,
+                                      max_fraction=max_fraction, observed=seen)
+    if not (clear & ~hidden).any():
+        raise BenchmarkNotPossible(
+            f"the cloud masks transplanted onto the {len(eval_dates)} evaluation date(s) hide every clear cell "
+            "of the series, so the heldout model would have nothing to train on; lower config key "
+            f"benchmark.max_mask_fraction (now {max_fraction})"
+        )
     log.info("evaluation dates: %d (clear fraction >= %.2f); hidden cells: %d", len(eval_dates), min_clear,
              int(hidden.sum()))
     return hidden, eval_dates
+
+
+def holdout_step(cube_dir, hidden_path, info_path, *, min_clear: float, seed: int, min_mask_fraction: float = 0.05,
+                 max_mask_fraction: float = 0.7, max_dates: int | None = None, **_ignored) -> dict:
+    """Decide whether the benchmark is possible; write the hidden cells (.npy) and the decision (JSON).
+
+    The decision, ``{"possible": bool, "reason": str | None, "eval_dates": [...], "hidden_cells": int}``,
+    is what the workflow reads to request the heldout variant only when it will be scored. When not
+    possible, ``hidden`` is all False (nothing hidden) and ``reason`` says why.
+    """
+    from .bridge import load_cube
+
+    cube, meta = load_cube(cube_dir)
+    try:
+        hidden, eval_dates = choose_holdout(cube, meta, min_clear=min_clear, seed=seed, min_fraction=min_mask_fraction,
+                                            max_fraction=max_mask_fraction, max_dates=max_dates)
+        info = dict(possible=True, reason=None, eval_dates=[meta["dates"][t]["start_time"] for t in eval_dates],
+                    hidden_cells=int(hidden.sum()))
+    except BenchmarkNotPossible as err:
+        hidden = np.zeros((cube.shape[0],) + cube.shape[2:], dtype=bool)
+        info = dict(possible=False, reason=str(err), eval_dates=[], hidden_cells=0)
+        log.warning("the benchmark cannot score this study: %s", err)
+    info.update(min_clear=min_clear, seed=seed, min_mask_fraction=min_mask_fraction,
+                max_mask_fraction=max_mask_fraction, max_dates=max_dates)
+    Path(hidden_path).parent.mkdir(parents=True, exist_ok=True)
+    np.save(hidden_path, hidden)
+    Path(info_path).write_text(json.dumps(info, indent=1) + "\n")
+    return info
 
 
 def run_methods(obs: np.ndarray, times, sar: np.ndarray | None, model_filled: np.ndarray | None,
@@ -74,9 +143,10 @@ def run_methods(obs: np.ndarray, times, sar: np.ndarray | None, model_filled: np
 
 
 def score_methods(methods: dict, truth: np.ndarray, hidden: np.ndarray, clear_input: np.ndarray, times,
-                  bands: list[str], data_range: float, protocol: str) -> pd.DataFrame:
+                  bands: list[str], data_range: float, protocol: str, observed=None) -> pd.DataFrame:
+    """Score table of every method; dates are binned by cloud fraction over the `observed` (H, W) cells."""
     gap_days = metrics.days_to_nearest_valid(clear_input, times)
-    cloud = 1.0 - clear_input.reshape(len(clear_input), -1).mean(axis=1)
+    cloud = 1.0 - metrics.clear_fraction(clear_input, observed)
     frames = []
     for name, filled in methods.items():
         table = metrics.score(truth, filled, hidden, bands, data_range=data_range, gap_days=gap_days,
@@ -186,10 +256,12 @@ def benchmark_step(cube_dir, hidden_path, heldout_infer_dir, out_dir, *, data_ra
     hidden = np.load(hidden_path)
 
     truth, clear = observed(cube, channels)
+    seen = observed_cells(cube, channels)
     gappy, clear_in = observed(hide(cube, channels, hidden), channels)
     model = np.load(Path(heldout_infer_dir) / "filled.npy")
     methods = run_methods(gappy, times, sar, model, whittaker_lambda)
-    scores = [score_methods(methods, truth, hidden, clear_in, times, bands, data_range, "transplanted clouds")]
+    scores = [score_methods(methods, truth, hidden, clear_in, times, bands, data_range, "transplanted clouds",
+                            observed=seen)]
 
     eval_dates = [int(t) for t in np.flatnonzero(hidden.reshape(len(hidden), -1).any(axis=1))]
     transplanted = scores[0]
@@ -204,18 +276,57 @@ def benchmark_step(cube_dir, hidden_path, heldout_infer_dir, out_dir, *, data_ra
         main = np.load(Path(main_infer_dir) / "filled.npy")
         real_methods = run_methods(obs, times, sar, main, whittaker_lambda)
         scores.append(score_methods(real_methods, truth_cube, real_hidden, clear, times, bands, data_range,
-                                    "real clouds (synthetic truth)"))
+                                    "real clouds (synthetic truth)", observed=seen))
     table = pd.concat(scores, ignore_index=True)
     table.to_csv(out_dir / "scores.csv", index=False, float_format="%.6g")
     summary = summary_table(table)
-    md = to_markdown(summary)
+    md = (f"Scored on {len(eval_dates)} evaluation date(s) ({', '.join(dates[t]['start_time'][:10] for t in eval_dates)})"
+          f": {int(hidden.sum())} clear cells hidden under cloud masks transplanted from other dates.\n\n"
+          + to_markdown(summary))
     (out_dir / "summary.md").write_text(md)
     plot_by_gap(transplanted, out_dir / "by_gap.png", "transplanted clouds")
-    info = dict(eval_dates=[dates[t]["start_time"] for t in eval_dates], hidden_cells=int(hidden.sum()),
+    info = dict(possible=True, eval_dates=[dates[t]["start_time"] for t in eval_dates], hidden_cells=int(hidden.sum()),
                 data_range=data_range, whittaker_lambda=whittaker_lambda)
     (out_dir / "benchmark.json").write_text(json.dumps(info, indent=1) + "\n")
     log.info("benchmark on %d dates, %d hidden cells:\n%s", len(eval_dates), int(hidden.sum()), md)
     return table
+
+
+SCORES_COLUMNS = tuple(metrics.SCORE_COLUMNS) + ("method", "protocol")
+
+
+def message_figure(path, title: str, text: str) -> None:
+    """A figure that only says something (the plots of a benchmark that could not score)."""
+    import textwrap
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=(7, 3))
+    fig.text(0.5, 0.8, title, ha="center", va="center", fontsize=12, weight="bold")
+    fig.text(0.5, 0.42, textwrap.fill(text, 90), ha="center", va="center", fontsize=8, wrap=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def not_possible_step(out_dir, holdout_info: dict) -> str:
+    """Outputs of a benchmark that could not score: summary.md saying why, scores.csv with only its header,
+    both plots showing the reason, benchmark.json. Returns the summary text."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    reason = holdout_info["reason"]
+    md = (f"**The benchmark could not score this study**: {reason}.\n\n"
+          "Ingest, training, inference and registration of the filled series ran as usual; only the benchmark "
+          "(and the training of its heldout model) was skipped.\n")
+    (out_dir / "summary.md").write_text(md)
+    pd.DataFrame(columns=list(SCORES_COLUMNS)).to_csv(out_dir / "scores.csv", index=False)
+    for name in ("by_gap.png", "quicklook.png"):
+        message_figure(out_dir / name, "The benchmark could not score this study", reason)
+    (out_dir / "benchmark.json").write_text(json.dumps(dict(possible=False, reason=reason), indent=1) + "\n")
+    log.warning("benchmark not scored: %s", reason)
+    return md
 
 
 def synthetic_truth(truth_manifest, dates: list[dict], bands: list[str], scale: float, offset: float) -> np.ndarray:

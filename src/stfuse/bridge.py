@@ -30,11 +30,15 @@ def stage_mapset(project_state: dict, stage: str) -> str:
 
 @contextlib.contextmanager
 def stage_session(project_state: dict, stage: str, read_mapsets):
-    """A fresh own mapset for `stage`, the mapsets it reads on its search path, the study region."""
+    """A fresh own mapset for `stage`, the mapsets it reads on its search path, the study region.
+
+    The mapset is replaced only when it is the same study's and holds nothing stfuse did not write there
+    (or the project state allows it: `replace_foreign_maps`); on success its marker records what was written.
+    """
     project = project_state["project"]
     mapset = stage_mapset(project_state, stage)
-    grass.own_mapset(project, mapset)
-    with grass.session(project, mapset) as gs:
+    with grass.own_session(project, mapset, study=project_state.get("study"), stage=stage,
+                           replace_foreign=project_state.get("replace_foreign_maps", False)) as gs:
         reads = sorted({m for m in read_mapsets if m and m != mapset})
         if reads:
             gs.run_command("g.mapsets", mapset=",".join(reads), operation="add", quiet=True)
@@ -62,13 +66,57 @@ def optical_table(tgis, optical_state: dict) -> pd.DataFrame:
 
 
 def sar_table(tgis, sar_state: dict) -> pd.DataFrame:
-    return temporal.granules(tgis, sar_state["strds"], sar_state["bands"])
+    """SAR granules from TGIS: id, start_time, a column per band, and ``data_fraction``: the share of the
+    region's cells where the granule's first band has data (0: the granule holds nothing here)."""
+    sar = temporal.granules(tgis, sar_state["strds"], sar_state["bands"])
+    sar["data_fraction"] = data_fractions(list(sar[sar_state["bands"][0]]))
+    return sar
+
+
+#: most bytes of maps read into memory at once by the pairing step's per-map fractions
+READ_CHUNK_BYTES = 256 * 2**20
+
+
+def _chunks(maps: list[str]):
+    """(first index, (n, H, W) float32) over `maps` in the current region, a bounded number at a time."""
+    if not maps:
+        return
+    h, w = grassio.region_shape()
+    step = max(1, READ_CHUNK_BYTES // max(1, 4 * h * w))
+    for i in range(0, len(maps), step):
+        yield i, grassio.read_maps(maps[i:i + step])
+
+
+def data_fractions(maps: list[str]) -> np.ndarray:
+    """Share of the region's cells that are not null, per map."""
+    out = np.zeros(len(maps))
+    for i, chunk in _chunks(maps):
+        out[i:i + len(chunk)] = np.isfinite(chunk).reshape(len(chunk), -1).mean(axis=1)
+    return out
 
 
 def clear_fractions(valid_maps: list[str]) -> np.ndarray:
-    """Share of the region's cells that are clear (valid == 1) per validity map."""
-    valid = grassio.read_maps(valid_maps)
-    return (valid == 1).reshape(len(valid_maps), -1).mean(axis=1)
+    """Clear fraction per validity map: the share of the *observed* cells that are clear (valid == 1).
+
+    Observed cells are those whose validity is not null on at least one of the given dates (inside the
+    sensor's footprint); cells never observed count neither as clear nor as cloud, so a footprint that
+    covers half the region does not make every date half cloudy. 0 for every map when no cell is ever
+    observed. The benchmark uses the same definition (:func:`stfuse.metrics.clear_fraction`).
+    """
+    clear = np.zeros(len(valid_maps))
+    observed = None
+    for i, chunk in _chunks(valid_maps):
+        clear[i:i + len(chunk)] = (chunk == 1).reshape(len(chunk), -1).sum(axis=1)
+        seen = np.isfinite(chunk).any(axis=0)
+        observed = seen if observed is None else observed | seen
+    n_observed = int(observed.sum()) if observed is not None else 0
+    return clear / n_observed if n_observed else np.zeros(len(valid_maps))
+
+
+def _region_text(region: dict) -> str:
+    epsg = f"EPSG:{region['epsg']}, " if region.get("epsg") else ""
+    return (f"W {region['west']:g}, E {region['east']:g}, S {region['south']:g}, N {region['north']:g} "
+            f"({epsg}{region['cols']} x {region['rows']} cells)")
 
 
 def pairing_step(project_state: dict, optical_state: dict, sar_state: dict, out_dir, *, max_gap_days: float,
@@ -85,7 +133,13 @@ def pairing_step(project_state: dict, optical_state: dict, sar_state: dict, out_
         opt = optical_table(tgis, optical_state)
         sar = sar_table(tgis, sar_state)
         opt["clear_fraction"] = clear_fractions(list(opt.valid))
-    pairs, unpaired = pairing.pair_sensors(opt, sar, max_gap_days, mode=mode, k=k)
+    try:
+        pairs, unpaired = pairing.pair_sensors(opt, sar, max_gap_days, mode=mode, k=k, coverage="data_fraction")
+    except pairing.NoSarDataError:
+        raise temporal.DatasetError(
+            f"STRDS {sar_state['strds']} has no data in the study region {_region_text(project_state['region'])}: "
+            f"none of its {len(sar)} granules has a non-null cell there (band {sar_state['bands'][0]}); check "
+            "config key region and that the SAR files cover the optical scene") from None
     line = pairing.summarise(pairs, unpaired)
     near = pairing.optical_neighbours(opt[["id", "start_time", "clear_fraction"]], k=neighbours,
                                       min_clear=min_clear)
@@ -103,6 +157,7 @@ def pairing_step(project_state: dict, optical_state: dict, sar_state: dict, out_
         log.warning("unpaired %s (%s): %s", r.optical_id, r.optical_time, r.reason)
     summary = dict(summary=line, optical=len(opt), sar=len(sar), paired=int(pairs.optical_id.nunique()),
                    unpaired=len(unpaired), mode=mode, k=k, max_gap_days=max_gap_days,
+                   sar_without_data=int((sar.data_fraction == 0).sum()),
                    median_clear_fraction=float(opt.clear_fraction.median()), seconds=time.perf_counter() - t0)
     (out_dir / "pairing.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary

@@ -2,7 +2,12 @@
 
 The pipeline creates mapsets of its own inside the user's project (marked, replaced on rerun), puts the
 user's mapsets on their search path, and reads the STRDS through TGIS. Validity maps derived from the
-optical mask band are written into the pipeline's mapset only.
+optical mask band are written into the pipeline's mapset only. The mapsets are named after the study
+(`stfuse_<study>`, `stfuse_<study>_<sensor>`, `stfuse_<study>_<stage>` by default), and each records the
+study that made it: two studies in one project never replace each other's results.
+
+The STRDS values are read as they are: the config's per-sensor scale, offset and nodata (which the
+manifest import applies) are refused for this input (`check_config`, when the DAG is built).
 """
 
 from __future__ import annotations
@@ -40,7 +45,30 @@ def check_strds(tgis, strds_id: str, sensor: str, spec: dict) -> pd.DataFrame:
         raise InputError(f"{err} (sensor {sensor})") from None
 
 
-def prepare_project(project_dir, mapset: str, strds: dict, sensors: dict, region: dict) -> dict:
+def default_mapset(study: str) -> str:
+    """The pipeline's mapset (and prefix of its other mapsets) in a user's project when the config names none."""
+    return f"stfuse_{study}"
+
+
+def check_config(config: dict) -> None:
+    """DAG-time checks of `input: grass_project`: the STRDS are read as they are, so scale, offset and
+    nodata other than 1, 0 and null are refused, naming the key (ValueError)."""
+    if "grass_project" not in config.get("input", {}):
+        return
+    neutral = {"scale": 1.0, "offset": 0.0, "nodata": None}
+    for sensor, spec in config.get("sensors", {}).items():
+        for key, value in neutral.items():
+            got = spec.get(key, value)
+            if got != value:
+                raise ValueError(
+                    f"config key sensors.{sensor}.{key}: {got!r} would be ignored: input.grass_project reads the "
+                    "STRDS values as they are; scale them first with t.rast.algebra (or r.mapcalc) or leave "
+                    "scale 1 / offset 0 / nodata null"
+                )
+
+
+def prepare_project(project_dir, mapset: str, strds: dict, sensors: dict, region: dict, *,
+                    study: str | None = None, replace_foreign: bool = False) -> dict:
     """Check the user's STRDS and record the study region; creates only the pipeline's own mapset."""
     project_dir = Path(project_dir).resolve()
     if not (project_dir / "PERMANENT" / "DEFAULT_WIND").is_file():
@@ -48,8 +76,7 @@ def prepare_project(project_dir, mapset: str, strds: dict, sensors: dict, region
     for sensor in sensors:
         if sensor not in strds:
             raise InputError(f"config key input.grass_project.strds lacks sensor '{sensor}'")
-    grass.own_mapset(project_dir, mapset)
-    with grass.session(project_dir, mapset) as gs:
+    with grass.own_session(project_dir, mapset, study=study, stage="ingest", replace_foreign=replace_foreign) as gs:
         import grass.temporal as tgis
 
         _search(gs, strds.values())
@@ -70,7 +97,7 @@ def prepare_project(project_dir, mapset: str, strds: dict, sensors: dict, region
     grid = Grid(int(epsg.split(":")[-1]) if epsg.upper().startswith("EPSG:") else None, wkt,
                 reg["w"], reg["n"], reg["ewres"], reg["nsres"], reg["cols"], reg["rows"])
     return dict(project=str(project_dir), source="grass_project", mapset=mapset, strds=strds,
-                crs_wkt=wkt, region=grid_dict(grid))
+                crs_wkt=wkt, region=grid_dict(grid), study=study, replace_foreign_maps=bool(replace_foreign))
 
 
 def _search(gs, strds_ids) -> None:
@@ -85,8 +112,8 @@ def ingest_sensor(project_state: dict, sensor: str, spec: dict) -> dict:
     project = project_state["project"]
     mapset = f"{project_state['mapset']}_{sensor}"
     strds_id = project_state["strds"][sensor]
-    grass.own_mapset(project, mapset)
-    with grass.session(project, mapset) as gs:
+    with grass.own_session(project, mapset, study=project_state.get("study"), stage="ingest",
+                           replace_foreign=project_state.get("replace_foreign_maps", False)) as gs:
         import grass.temporal as tgis
 
         _search(gs, [strds_id])
@@ -97,8 +124,8 @@ def ingest_sensor(project_state: dict, sensor: str, spec: dict) -> dict:
         names = {(r["start_time"], b): r[b] for _, r in df.iterrows() for b in df.columns if b not in ("id", "start_time")}
         dates = list(df.start_time)
         valid_strds = None
-        mask_band = spec.get("mask", {}).get("band")
-        if mask_band:
+        mask_band = (spec.get("mask") or {}).get("band")
+        if spec["role"] == "optical":  # with or without a mask band
             with tempfile.TemporaryDirectory(prefix="stfuse_valid_") as tmp:
                 valid_strds = _derive_validity(gs, tgis, sensor, spec, dates, names, tmp)
     granules = []
@@ -106,6 +133,7 @@ def ingest_sensor(project_state: dict, sensor: str, spec: dict) -> dict:
         g = {"start_time": _iso(when), "maps": {b: names[(when, b)] for b in spec["bands"]}}
         if mask_band:
             g["mask_band"] = names[(when, mask_band)]
+        if valid_strds:
             g["valid"] = f"{sensor}_valid_{when.strftime('%Y%m%dT%H%M%S')}@{mapset}"
         granules.append(g)
     log.info("%s: %d granules of %s, validity in %s", sensor, len(dates), strds_id, valid_strds)

@@ -116,6 +116,9 @@ def predict_cube(checkpoint, cube, channels, dates, *, tile_size=None, overlap=N
         ``"auto"`` (CUDA if available, with float16 autocast), ``"cpu"``, ``"cuda"``..
     threads
         ``torch.set_num_threads`` for this call (restored after); None leaves it as it is.
+        Predictions are bit-identical only for the same thread count (and machine and torch
+        build, see :mod:`stfuse.train`), so pass a fixed number, not the cores a scheduler
+        happens to grant.
 
     Returns a dict: ``prediction`` float32 (T, B, H, W), the model's optical bands in physical
     units; ``filled`` float32 (T, B, H, W), observed where clear at t, predicted elsewhere;

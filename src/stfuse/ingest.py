@@ -80,9 +80,17 @@ def grid_dict(grid: Grid) -> dict:
                 res_x=grid.res_x, res_y=grid.res_y, cols=grid.width, rows=grid.height)
 
 
-def _wait(proc, what) -> None:
-    if proc.wait() != 0:
-        raise RuntimeError(f"r.in.gdal failed while importing {what} (see the messages above)")
+def _wait(imports, sensor, keep=0) -> None:
+    """Wait for the oldest (proc, band) imports until at most ``keep`` run; a failure is reported
+    with ITS band, after the other imports still running have ended (nothing runs on behind it)."""
+    while len(imports) > keep:
+        proc, band = imports.pop(0)
+        if proc.wait() != 0:
+            for other, _ in imports:
+                other.wait()
+            imports.clear()
+            raise RuntimeError(f"r.in.gdal failed while importing {sensor} band {band} "
+                               "(see the messages above)")
 
 
 def import_sensor(gs, rows: pd.DataFrame, grid: Grid, sensor: str, spec: dict, *, title: str = "",
@@ -96,7 +104,7 @@ def import_sensor(gs, rows: pd.DataFrame, grid: Grid, sensor: str, spec: dict, *
     mapset = gs.gisenv()["MAPSET"]
     set_region(gs, grid)
     t0 = time.perf_counter()
-    mask_band = spec.get("mask", {}).get("band")
+    mask_band = (spec.get("mask") or {}).get("band")
     bands = list(spec["bands"]) + ([mask_band] if mask_band else [])
     renames, register_lines, imports = [], [], []
     names = {}
@@ -112,17 +120,16 @@ def import_sensor(gs, rows: pd.DataFrame, grid: Grid, sensor: str, spec: dict, *
                 resampling="nearest" if is_mask else spec.get("resampling", "nearest"), as_float=not is_mask,
             ))
             stack = f"stfuse_stack_{band}"
-            imports.append(gs.start_command("r.in.gdal", input=str(vrt), output=stack, flags="o", quiet=True))
-            if len(imports) >= workers:  # bands import side by side; each writes only its own maps
-                _wait(imports.pop(0), band)
+            imports.append((gs.start_command("r.in.gdal", input=str(vrt), output=stack, flags="o", quiet=True),
+                            band))
+            _wait(imports, sensor, keep=workers - 1)  # bands import side by side; each writes only its own maps
             n = len(brows)
             for i, when in enumerate(brows.start_time, start=1):
                 new = map_name(sensor, band, when)
                 renames += [f"{stack}.{i}" if n > 1 else stack, new]
                 names[(when, band)] = new
                 register_lines.append(f"{new}|{when.strftime('%Y-%m-%d %H:%M:%S')}|{band}")
-        for proc in imports:
-            _wait(proc, sensor)
+        _wait(imports, sensor)
         log.info("%s: imported %d maps in %.1f s", sensor, len(register_lines), time.perf_counter() - t0)
         gs.run_command("g.rename", raster=",".join(renames), quiet=True)
 
@@ -130,7 +137,7 @@ def import_sensor(gs, rows: pd.DataFrame, grid: Grid, sensor: str, spec: dict, *
                           title or f"{sensor} ({spec['role']})", f"stfuse ingest of {sensor}, bands {', '.join(bands)}")
         dates = sorted(rows.start_time.unique())
         valid_strds = None
-        if mask_band:
+        if spec["role"] == "optical":  # with or without a mask band: every optical sensor gets its validity
             valid_strds = _derive_validity(gs, tgis, sensor, spec, dates, names, tmp)
     log.info("%s: %d maps, %d dates registered in %.1f s", sensor, len(register_lines), len(dates),
              time.perf_counter() - t0)
@@ -139,6 +146,7 @@ def import_sensor(gs, rows: pd.DataFrame, grid: Grid, sensor: str, spec: dict, *
         g = {"start_time": _iso(when), "maps": {b: f"{names[(when, b)]}@{mapset}" for b in spec["bands"]}}
         if mask_band:
             g["mask_band"] = f"{names[(when, mask_band)]}@{mapset}"
+        if valid_strds:
             g["valid"] = f"{map_name(sensor, 'valid', when)}@{mapset}"
         granules.append(g)
     return dict(sensor=sensor, role=spec["role"], mapset=mapset, strds=strds, valid_strds=valid_strds,
@@ -197,23 +205,35 @@ def _register(gs, tgis, name, lines, tmp, title, description) -> str:
 
 
 def _derive_validity(gs, tgis, sensor, spec, dates, names, tmp) -> str:
-    """valid = 1 where the class is clear and every band has data, 0 elsewhere, null where no class."""
-    classes = spec["mask"].get("valid_classes", [4, 5, 6, 7, 11])
+    """The validity STRDS `<sensor>_valid`, one map per date.
+
+    With a mask band: 1 where the class is clear and every band has data, 0 elsewhere, null where the mask
+    has no class (no data). Without one (``mask: null`` or absent; nodata is the product's only mask): 1
+    where every band has data, 0 where only some bands have data, null where no band has data, so that
+    cells the sensor never observes (outside its footprint) are null on every date, as with a mask band.
+    """
+    mask = spec.get("mask") or None
+    classes = mask.get("valid_classes", [4, 5, 6, 7, 11]) if mask else None
     exprs, lines = [], []
     for when in dates:
         # Quoted: map ids from a user's project may hold dots and @mapset.
-        cls = f'"{names[(when, spec["mask"]["band"])]}"'
-        clear = " || ".join(f"{cls} == {c}" for c in classes)
         bands_ok = " && ".join(f'!isnull("{names[(when, b)]}")' for b in spec["bands"])
         out = map_name(sensor, "valid", when)
-        exprs.append(f"{out} = if(isnull({cls}), null(), if(({clear}) && {bands_ok}, 1, 0))")
+        if mask:
+            cls = f'"{names[(when, mask["band"])]}"'
+            clear = " || ".join(f"{cls} == {c}" for c in classes)
+            exprs.append(f"{out} = if(isnull({cls}), null(), if(({clear}) && {bands_ok}, 1, 0))")
+        else:
+            none_ok = " && ".join(f'isnull("{names[(when, b)]}")' for b in spec["bands"])
+            exprs.append(f"{out} = if({none_ok}, null(), if({bands_ok}, 1, 0))")
         lines.append(f"{out}|{when.strftime('%Y-%m-%d %H:%M:%S')}|valid")
     expr_file = Path(tmp) / f"{sensor}_valid.mapcalc"
     expr_file.write_text("\n".join(exprs) + "\n")
     # One r.mapcalc process evaluates every date's expression in a single pass.
     gs.run_command("r.mapcalc", file=str(expr_file), quiet=True)
-    return _register(gs, tgis, valid_strds_name(sensor), lines, tmp, f"{sensor} validity",
-                     f"1 = clear ({spec['mask']['band']} in {classes}) with data in every band, 0 = not clear")
+    what = (f"1 = clear ({mask['band']} in {classes}) with data in every band, 0 = not clear" if mask else
+            "1 = data in every band (no mask band: nodata is the only mask), 0 = in some bands only, null = none")
+    return _register(gs, tgis, valid_strds_name(sensor), lines, tmp, f"{sensor} validity", what)
 
 
 def write_state(state: dict, path: str | Path) -> None:
@@ -226,28 +246,31 @@ def write_state(state: dict, path: str | Path) -> None:
 PROJECT_MARKER = ".stfuse_project"
 
 
-def prepare_project(manifest_path, sensors: dict, region: dict, project_dir, checked_csv) -> dict:
+def prepare_project(manifest_path, sensors: dict, region: dict, project_dir, checked_csv, tile_size=None, *,
+                    study: str | None = None, replace_foreign: bool = False) -> dict:
     """Check the whole manifest, then (re)create the pipeline's GRASS project with the study region.
 
-    Nothing is written before every check has passed; the project folder is only ever replaced when
-    it carries stfuse's marker.
+    Nothing is written before every check has passed; the project folder is only ever touched when it
+    carries stfuse's marker, and on a rerun only what stfuse made is deleted, after every check
+    (stfuse.grass.rebuild_project: no mapset in use, each of stfuse's mapsets of this study and holding
+    only what stfuse wrote there). A user's mapset added to the project is kept, and PERMANENT with it.
     """
-    import shutil
+    import json
 
     from . import grass
     from .manifest import load
 
-    df, grid = load(manifest_path, sensors, region)
+    df, grid = load(manifest_path, sensors, region, tile_size=tile_size)
     project_dir = Path(project_dir)
     if project_dir.exists():
         if not (project_dir / PROJECT_MARKER).exists():
             raise grass.GrassError(f"{project_dir} exists and was not made by stfuse; refusing to replace it")
-        shutil.rmtree(project_dir)
-    if grid.epsg is not None:
-        grass.create_project(project_dir, grid.epsg)
-    else:
-        grass.create_project(project_dir, georef=df.path.iloc[0])
-    (project_dir / PROJECT_MARKER).write_text("made by stfuse; replaced on every rerun of ingest\n")
+    crs = dict(epsg=grid.epsg) if grid.epsg is not None else dict(georef=df.path.iloc[0])
+    kept = project_dir.exists() and grass.rebuild_project(project_dir, study=study, replace_foreign=replace_foreign,
+                                                          **crs)
+    if not kept:
+        grass.create_project(project_dir, crs.get("epsg"), georef=crs.get("georef"))
+    (project_dir / PROJECT_MARKER).write_text(json.dumps(dict(made_by="stfuse", study=study)) + "\n")
     with grass.session(project_dir) as gs:
         set_region(gs, grid, default=True)
     out = df.assign(start_time=[_iso(t) for t in df.start_time],
@@ -257,7 +280,8 @@ def prepare_project(manifest_path, sensors: dict, region: dict, project_dir, che
     counts = df.groupby("sensor").start_time.nunique().to_dict()
     log.info("manifest %s: %d rasters, dates per sensor %s, region %s", manifest_path, len(df), counts, grid_dict(grid))
     return dict(project=str(project_dir.resolve()), source="manifest", manifest=str(Path(manifest_path).resolve()),
-                crs_wkt=grid.crs_wkt, region=grid_dict(grid), rasters=len(df), dates=counts)
+                crs_wkt=grid.crs_wkt, region=grid_dict(grid), rasters=len(df), dates=counts, study=study,
+                replace_foreign_maps=bool(replace_foreign))
 
 
 def read_checked(checked_csv) -> pd.DataFrame:
@@ -277,9 +301,9 @@ def ingest_sensor(project_state: dict, checked_csv, sensor: str, spec: dict) -> 
 
     project = project_state["project"]
     mapset = f"ingest_{sensor}"
-    grass.own_mapset(project, mapset)
     df = read_checked(checked_csv)
-    with grass.session(project, mapset) as gs:
+    with grass.own_session(project, mapset, study=project_state.get("study"), stage="ingest",
+                           replace_foreign=project_state.get("replace_foreign_maps", False)) as gs:
         state = import_sensor(gs, df[df.sensor == sensor], grid_from_project(project_state), sensor, spec)
     state["project"] = project
     return state

@@ -18,6 +18,7 @@ import pandas as pd
 log = logging.getLogger("stfuse.manifest")
 
 COLUMNS = ["path", "sensor", "semantic_label", "start_time"]
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 class ManifestError(ValueError):
@@ -108,8 +109,27 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
             f"{path}:{row.line}: duplicate timestamp {row.start_time.isoformat()} for {row.sensor} "
             f"{row.semantic_label} (already on line {first.line})"
         )
+    _check_time_resolution(df, path)
     df.attrs["manifest"] = str(path)
     return df
+
+
+def _check_time_resolution(df: pd.DataFrame, path) -> None:
+    """Two acquisitions of one sensor less than 1 s apart: GRASS map names and TGIS times have
+    one-second resolution, so they would collide (or blur into one acquisition)."""
+    for sensor, rows in df.groupby("sensor", sort=False):
+        firsts = rows.sort_values(["start_time", "line"]).drop_duplicates("start_time")
+        gaps = firsts.start_time.diff().dt.total_seconds()
+        close = gaps[gaps < 1.0]
+        if not close.empty:
+            i = firsts.index.get_loc(close.index[0])
+            a, b = firsts.iloc[i - 1], firsts.iloc[i]
+            raise ManifestError(
+                f"{path}:{b.line}: {sensor} acquisition {b.start_time.isoformat()} is only "
+                f"{close.iloc[0]:.3g} s after the one on line {a.line} ({a.start_time.isoformat()}); "
+                "map names and GRASS times have one-second resolution: give all bands of one acquisition "
+                "the same start_time, and distinct acquisitions times at least 1 s apart"
+            )
 
 
 def check_against_config(df: pd.DataFrame, sensors: dict) -> pd.DataFrame:
@@ -151,11 +171,24 @@ def check_against_config(df: pd.DataFrame, sensors: dict) -> pd.DataFrame:
     return out
 
 
+def _read_ends(ds) -> None:
+    """Read the first and the last block of band 1: a file truncated after a valid header fails here,
+    at the cost of two blocks (ingest reads only band 1)."""
+    from rasterio.windows import Window
+
+    block_h, block_w = ds.block_shapes[0]
+    block_h, block_w = max(1, min(block_h, ds.height)), max(1, min(block_w, ds.width))
+    last_row, last_col = (ds.height - 1) // block_h, (ds.width - 1) // block_w
+    for row, col in {(0, 0), (last_row, last_col)}:
+        ds.read(1, window=Window(col * block_w, row * block_h,
+                                 min(block_w, ds.width - col * block_w), min(block_h, ds.height - row * block_h)))
+
+
 def inspect_rasters(df: pd.DataFrame) -> pd.DataFrame:
-    """Open every file's header: missing, unreadable or off-CRS files are errors naming the line."""
+    """Open every file's header and read its first and last block: missing, unreadable, truncated or
+    off-CRS files are errors naming the line."""
     import rasterio
     from rasterio.errors import RasterioIOError
-
     where = df.attrs.get("manifest", "manifest")
     info = []
     ref_crs, ref_line = None, None
@@ -190,6 +223,13 @@ def inspect_rasters(df: pd.DataFrame) -> pd.DataFrame:
                         f"{where}:{line}: file {p} is in {crs.to_string()}, but line {ref_line} is in "
                         f"{ref_crs.to_string()}; reproject so all files share one CRS"
                     )
+                try:
+                    _read_ends(ds)
+                except RasterioIOError as err:
+                    raise ManifestError(
+                        f"{where}:{line}: file {p} has a valid header but its pixels cannot be read "
+                        f"(truncated or corrupt: {err.__cause__ or err})"
+                    ) from None
         except RasterioIOError as err:
             raise ManifestError(f"{where}:{line}: file {p} is unreadable or corrupt ({err})") from None
     info_df = pd.DataFrame(info)
@@ -236,8 +276,50 @@ def region_from_config(df: pd.DataFrame, sensors: dict, region: dict) -> Grid:
     return grid
 
 
-def load(path: str | Path, sensors: dict, region: dict | None = None) -> tuple[pd.DataFrame, Grid]:
-    """All manifest checks in order; returns the usable rows (with file headers) and the study grid."""
+def check_value_range(df: pd.DataFrame, sensors: dict) -> None:
+    """Refuse integer files whose DN range times scale plus offset leaves float32 (ingest stores
+    physical values as float32; an overflow becomes inf). Float files are not checked: their dtype
+    range says nothing about their values. Mask bands are imported unscaled."""
+    import numpy as np
+
+    where = df.attrs.get("manifest", "manifest")
+    for name, spec in sensors.items():
+        mask = (spec.get("mask") or {}).get("band")
+        scale, offset = float(spec.get("scale", 1.0)), float(spec.get("offset", 0.0))
+        rows = df[(df.sensor == name) & (df.semantic_label != mask)]
+        for dtype, group in rows.groupby("dtype", sort=False):
+            try:
+                info = np.iinfo(np.dtype(dtype))
+            except (TypeError, ValueError):
+                continue
+            reach = max(abs(float(info.min) * scale + offset), abs(float(info.max) * scale + offset))
+            if reach > FLOAT32_MAX:
+                row = group.iloc[0]
+                raise ManifestError(
+                    f"{where}:{row.line}: file {row.path} is {dtype}; its range times config key "
+                    f"sensors.{name}.scale ({scale!r}) plus sensors.{name}.offset ({offset!r}) reaches "
+                    f"{reach:.3g}, beyond float32 ({FLOAT32_MAX:.4g}); fix sensors.{name}.scale/offset"
+                )
+
+
+def check_tile_size(grid: Grid, tile_size: int) -> None:
+    """``tiles.size`` must fit the study region (known here only after reading the files' headers)."""
+    if tile_size is not None and int(tile_size) > min(grid.width, grid.height):
+        raise ManifestError(
+            f"config key tiles.size ({tile_size}) is larger than the region from the data "
+            f"({grid.width} x {grid.height} cells); use a size <= {min(grid.width, grid.height)}"
+        )
+
+
+def load(path: str | Path, sensors: dict, region: dict | None = None,
+         tile_size: int | None = None) -> tuple[pd.DataFrame, Grid]:
+    """All manifest checks in order; returns the usable rows (with file headers) and the study grid.
+
+    ``tile_size`` (config key tiles.size), when given, is checked against the region.
+    """
     df = check_against_config(read_manifest(path), sensors)
     df = inspect_rasters(df)
-    return df, region_from_config(df, sensors, region or {})
+    check_value_range(df, sensors)
+    grid = region_from_config(df, sensors, region or {})
+    check_tile_size(grid, tile_size)
+    return df, grid

@@ -24,6 +24,7 @@ __all__ = [
     "CLOUD_BINS",
     "GAP_BINS",
     "METRICS",
+    "clear_fraction",
     "days_to_nearest_valid",
     "mae",
     "psnr",
@@ -211,16 +212,42 @@ def days_to_nearest_valid(valid, times) -> np.ndarray:
     return out
 
 
+def clear_fraction(valid, observed=None) -> np.ndarray:
+    """(T,) clear fraction of each date: the share of the *observed* pixels that are valid.
+
+    ``valid`` (T, H, W) bool: clear on that date. ``observed`` (H, W) bool: the pixels the sensor
+    observes at least once in the series (its footprint; in the cube, where the ``valid`` channel
+    is not NaN on some date); None means every pixel. Pixels never observed count neither as
+    clear nor as cloud. 0 on every date when no pixel is observed. The cloud fraction is
+    ``1 - clear_fraction``. This is stfuse's one definition, also used by the pairing step
+    (:func:`stfuse.bridge.clear_fractions`) and the benchmark's choice of evaluation dates.
+    """
+    valid = np.asarray(valid, dtype=bool)
+    if valid.ndim != 3:
+        raise ValueError(f"valid must be (T, H, W), got {valid.shape}")
+    if observed is None:
+        observed = np.ones(valid.shape[1:], dtype=bool)
+    observed = np.asarray(observed, dtype=bool)
+    if observed.shape != valid.shape[1:]:
+        raise ValueError(f"observed must be (H, W) = {valid.shape[1:]}, got {observed.shape}")
+    n = int(observed.sum())
+    if n == 0:
+        return np.zeros(valid.shape[0])
+    return (valid & observed).reshape(valid.shape[0], -1).sum(axis=1) / n
+
+
 def transplant_masks(valid, eval_dates, seed, min_fraction: float = 0.05,
-                     max_fraction: float = 0.7) -> np.ndarray:
+                     max_fraction: float = 0.7, observed=None) -> np.ndarray:
     """Artificial gaps: real cloud masks of other dates copied onto the evaluation dates.
 
     For each evaluation date e (in the order given), a donor date d != e is drawn uniformly,
     with ``numpy.random.default_rng(seed)``, among the dates whose cloud fraction
-    (1 - fraction of valid pixels) lies within [min_fraction, max_fraction]; the pixels invalid
-    on d and valid on e are hidden on e. Pixels already invalid are never hidden, and dates
-    that are not evaluation dates get no hidden pixel. The same inputs and seed always give the
-    same result. Raises ValueError when an evaluation date has no donor.
+    (``1 - clear_fraction(valid, observed)``: the share of the pixels observed at least once
+    that are not valid; ``observed`` (H, W) bool, None = every pixel) lies within
+    [min_fraction, max_fraction]; the pixels invalid on d and valid on e are hidden on e.
+    Pixels already invalid are never hidden, and dates that are not evaluation dates get no
+    hidden pixel. The same inputs and seed always give the same result. Raises ValueError when
+    an evaluation date has no donor.
 
     Returns ``hidden`` (T, H, W) bool; the method then sees ``obs`` with NaN where hidden.
     """
@@ -235,7 +262,7 @@ def transplant_masks(valid, eval_dates, seed, min_fraction: float = 0.05,
         if not -t <= e < t:
             raise ValueError(f"evaluation date index {e} out of range for {t} dates")
     eval_dates = [e % t for e in eval_dates]
-    cloud = 1.0 - valid.reshape(t, -1).mean(axis=1)
+    cloud = 1.0 - clear_fraction(valid, observed)
     donors = np.flatnonzero((cloud >= min_fraction) & (cloud <= max_fraction))
     rng = np.random.default_rng(seed)
     hidden = np.zeros_like(valid)

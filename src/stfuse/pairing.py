@@ -32,7 +32,7 @@ import numbers
 import numpy as np
 import pandas as pd
 
-__all__ = ["MODES", "pair_sensors", "optical_neighbours", "summarise"]
+__all__ = ["MODES", "NoSarDataError", "pair_sensors", "optical_neighbours", "summarise"]
 
 MODES = ("nearest", "before", "after", "k_nearest")
 
@@ -200,6 +200,7 @@ def pair_sensors(
     max_gap_days: float,
     mode: str = "nearest",
     k: int = 1,
+    coverage: str | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Pair every optical granule with SAR granule(s) acquired within ``max_gap_days``.
 
@@ -217,6 +218,13 @@ def pair_sensors(
         ``"k_nearest"``: up to ``k`` granules with the smallest ``|gap|`` (``rank`` 1..k).
     k
         Number of granules for ``"k_nearest"`` (>= 1); must be 1 for the other modes.
+    coverage
+        Name of a ``sar`` column holding each granule's share of the region with data (0..1),
+        or None (every granule is a candidate). With it, granules whose value is 0 hold no data
+        in the region and are never paired: the nearest granule *with* data wins, and an optical
+        granule whose only candidates within ``max_gap_days`` are empty is unpaired with a
+        reason that names the nearest empty one. Raises :class:`NoSarDataError` when no SAR
+        granule has data; missing or non-numeric values raise ``ValueError``.
 
     Ties are broken deterministically: equal ``|gap|`` -> the earlier SAR granule wins (past
     information first; it is what was available at the optical time), then equal times -> the
@@ -248,6 +256,8 @@ def pair_sensors(
     max_ns = _max_gap_ns(max_gap_days)
     _check_frame(optical, "optical", ("id", "start_time"))
     _check_frame(sar, "sar", ("id", "start_time"))
+    if coverage is not None:
+        return _pair_with_data(optical, sar, max_gap_days, mode, k, coverage)
 
     o_idx = _utc_ns(optical, "optical")
     s_idx = _utc_ns(sar, "sar")
@@ -352,6 +362,50 @@ def pair_sensors(
     }
     pairs.attrs[ATTRS_KEY] = dict(meta)
     unpaired.attrs[ATTRS_KEY] = dict(meta)
+    return pairs, unpaired
+
+
+class NoSarDataError(ValueError):
+    """No SAR granule has data in the region (every value of the coverage column is 0)."""
+
+
+_POS = "_stfuse_position"  # temporary optical column: the input position of each row
+
+
+def _pair_with_data(optical, sar, max_gap_days, mode, k, coverage):
+    """pair_sensors over the SAR granules with data; unpaired reasons name the empty candidates."""
+    _check_frame(sar, "sar", (coverage,))
+    try:
+        cov = pd.to_numeric(sar[coverage]).to_numpy(dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"column '{coverage}' of sar is not numeric: {exc}") from exc
+    if np.isnan(cov).any():
+        raise ValueError(f"column '{coverage}' of sar has missing values")
+    has_data = cov > 0
+    if len(sar) and not has_data.any():
+        raise NoSarDataError(f"none of the {len(sar)} SAR granules has data in the region "
+                             f"(column '{coverage}' is 0 for all)")
+    if _POS in optical.columns:
+        raise ValueError(f"optical must not have a column named {_POS!r}")
+    opt = optical.assign(**{_POS: np.arange(len(optical))})
+    pairs, unpaired = pair_sensors(opt, sar[has_data], max_gap_days, mode=mode, k=k)
+    if len(unpaired) and not has_data.all():
+        # Optical granules that would pair if empty granules counted: their only candidates are empty.
+        every, _ = pair_sensors(opt, sar, max_gap_days, mode=mode, k=1 if mode != "k_nearest" else k)
+        nearest = every[every["rank"] == 1].set_index(f"optical_{_POS}")
+        reasons = unpaired["reason"].tolist()
+        for i, pos in enumerate(unpaired[f"optical_{_POS}"]):
+            if pos in nearest.index:
+                r = nearest.loc[pos]
+                side = "before" if r.gap_days < 0 else "after"
+                when = "at the optical time" if r.gap_days == 0 else f"{_fmt_days(abs(r.gap_days))} {side}"
+                reasons[i] = (reasons[i].replace("no SAR granule", "no SAR granule with data in the region", 1)
+                              + f"; {r.sar_id} ({when}) has no data in the region")
+        unpaired["reason"] = pd.array(reasons, dtype="str")
+    meta = dict(pairs.attrs[ATTRS_KEY], coverage=coverage, n_sar_without_data=int((~has_data).sum()))
+    pairs, unpaired = (f.drop(columns=[f"optical_{_POS}"]) for f in (pairs, unpaired))
+    for frame in (pairs, unpaired):
+        frame.attrs[ATTRS_KEY] = dict(meta)
     return pairs, unpaired
 
 

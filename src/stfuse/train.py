@@ -14,13 +14,37 @@ split instead, with a warning.
 
 Reproducibility: the model is initialised after ``torch.manual_seed(seed)``; epoch ``e``
 shuffles with a ``torch.Generator`` and masks with a dataset seed both derived from
-``(seed, e)``, so an epoch does not depend on how the run got there. On CPU
-``torch.use_deterministic_algorithms(True)`` is on for the duration of :func:`train` (restored
-after), so two runs with the same arguments, machine and thread count give identical weights,
-and a run resumed from ``last.pt`` ends with the same weights as an uninterrupted one. On CUDA
-(``device="auto"`` picks it when available) training uses mixed precision
-(``torch.autocast`` float16 + ``GradScaler``) and deterministic algorithms in warn-only mode:
-close, but not bit-identical, results.
+``(seed, e)`` (per sample, so ``num_workers`` does not matter), so an epoch does not depend on
+how the run got there. On CPU ``torch.use_deterministic_algorithms(True)`` is on for the
+duration of :func:`train` (restored after). What is reproducible, precisely:
+
+* same data, same arguments, same ``threads`` (the torch intra-op thread count, set for the
+  call and restored after -- *not* whatever the process or the workflow manager's core count
+  happened to set), same machine (CPU model) and same torch build: **bit-identical** weights,
+  losses and predictions; a run resumed from ``last.pt`` ends with the same weights as an
+  uninterrupted one;
+* another thread count, another CPU (other SIMD kernels) or another torch build: floating-point
+  sums are grouped differently, so weights differ in the last bits and predictions by up to
+  the order of 1e-4 reflectance after training;
+* CUDA (``device="auto"`` picks it when available): mixed precision (``torch.autocast``
+  float16 + ``GradScaler``) and deterministic algorithms in warn-only mode: close, but not
+  bit-identical, results.
+
+The workflow therefore takes the thread count from the config (``train.threads``,
+``infer.threads``), never from the cores Snakemake grants a job (``--cores`` scales those down).
+
+Resuming (``resume=True``): ``last.pt`` holds a *fingerprint* of what the run depends on: the
+SHA-256 of every file of the export that training reads (``tiles.npy``, ``index.csv``,
+``clear_fraction.npy``, ``channels.json``, ``stats.json``; streamed in chunks, never loaded
+whole) and the resolved training settings that change the result (everything in the
+checkpoint's ``config`` but the path and ``epochs``, ``patience``, ``max_minutes`` and
+``num_workers``: raising ``epochs`` continues a run; the thread count and device do count). A
+run resumes only when the fingerprint matches; otherwise (other data, other settings, a
+``last.pt`` without fingerprint or unreadable) it logs one warning naming what changed and
+starts afresh, removing the stale outputs. A rerun of a finished run trains nothing but
+rewrites any missing ``model.pt``, ``history.csv`` and ``loss.png``, so a workflow manager that
+deleted them before the rerun finds them again. Hashing reads the export once per call (about
+a second per GB).
 
 Residual on the temporal prior: when the export holds the prior channels
 (:mod:`stfuse.prior`), the model is by default (``residual="auto"``) wrapped in
@@ -29,7 +53,8 @@ its output layer is zeroed at initialisation, so training starts from per-pixel 
 interpolation in time and learns what to change.
 
 Files in ``out_dir`` (all written to a temporary name first and moved into place with
-``os.replace``, so a kill never leaves a half-written file):
+``os.replace``, so a kill never leaves a half-written file; created with mode ``0o666`` less the
+umask, like any other file):
 
 ``model.pt``
     the best epoch (lowest validation loss), see below;
@@ -53,7 +78,8 @@ oldest reader that understands it), ``kind`` ("best" | "last"),
 (the export's per-channel ``name/kind/mean/std/count``), ``k_neighbours``, ``dt_scale_days``,
 ``tile_size``, ``overlap`` (of the export), ``config`` (the training arguments, resolved),
 ``epoch``, ``train_loss``, ``val_loss``, ``best_epoch``, ``best_val_loss``, ``history``
-(list of per-epoch dicts), ``versions``, ``residual`` (None, or ``{"prior_indices": [...],
+(list of per-epoch dicts), ``versions``, ``fingerprint`` (``data``: file name -> ``"sha256:..."``,
+``config``: the settings compared on resume), ``residual`` (None, or ``{"prior_indices": [...],
 "present_index": i}``: the model is :class:`stfuse.models.ResidualOnPrior` around the registered
 model, whose ``state_dict`` keys then start with ``net.``; checkpoints without the key are plain
 models); ``last.pt`` adds ``optimizer``, ``scaler``
@@ -68,13 +94,14 @@ never improve on the best one).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import numbers
 import os
 import random
-import tempfile
+import secrets
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -87,9 +114,10 @@ from torch.utils.data import DataLoader
 import stfuse
 from stfuse.dataset import DT_SCALE_DAYS, GapFillDataset
 from stfuse.models import ResidualOnPrior, build_model, size_multiple, zero_init_output
+from stfuse.tiles import CHANNELS_FILE, CLEAR_FILE, INDEX_FILE, STATS_FILE, TILES_FILE
 
 __all__ = ["train", "load_checkpoint", "check_channels", "model_from_checkpoint", "build_network",
-           "resolve_device", "torch_threads", "CHECKPOINT_FORMAT"]
+           "resolve_device", "torch_threads", "fingerprint", "atomic_write", "CHECKPOINT_FORMAT"]
 
 logger = logging.getLogger("stfuse.train")
 
@@ -104,9 +132,16 @@ HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "train_samples", "train_pi
 REQUIRED_KEYS = ("model", "model_params", "in_channels", "out_channels", "state_dict",
                  "input_channels", "target_channels", "channels", "stats", "k_neighbours",
                  "tile_size")
-#: settings that must match for ``resume=True`` to continue a run
+OUTPUT_FILES = (MODEL_FILE, LAST_FILE, HISTORY_FILE, PLOT_FILE)
+#: settings that must match for ``resume=True`` to continue a run (checked by name in the
+#: message; the fingerprint compares every setting of ``config`` but RESUME_FREE_KEYS)
 RESUME_KEYS = ("model", "model_params", "batch_size", "lr", "k_neighbours",
                "extra_mask_fraction", "seed")
+#: settings of ``config`` that do not change the result: they may differ when resuming
+RESUME_FREE_KEYS = ("tiles_dir", "epochs", "patience", "max_minutes", "num_workers")
+#: the export's files that training reads: their contents go into the resume fingerprint
+DATA_FILES = (TILES_FILE, INDEX_FILE, CLEAR_FILE, CHANNELS_FILE, STATS_FILE)
+HASH_CHUNK = 1 << 22  # 4 MiB
 VAL_MASK_FRACTION = 1.0
 
 
@@ -131,10 +166,21 @@ def _derived_seed(seed: int, *keys: int) -> int:
     return int(np.random.SeedSequence([int(seed), *keys]).generate_state(1)[0])
 
 
-def _atomic_write(path: Path, write) -> None:
-    """``write(tmp_path)`` then ``os.replace`` onto ``path`` (same directory, fsynced)."""
+def atomic_write(path, write) -> None:
+    """``write(tmp_path)`` then ``os.replace`` onto ``path`` (same directory, fsynced).
+
+    The temporary file is created exclusively with mode ``0o666`` less the umask (unlike
+    ``tempfile.mkstemp``, which makes it ``0o600``), so ``path`` gets the permissions any other
+    output gets; ``write`` may reopen and truncate it, which keeps the mode.
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    while True:
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.partial")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:  # pragma: no cover - 48 random bits
+            continue
+        break
     os.close(fd)
     try:
         write(tmp)
@@ -147,7 +193,7 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def _save(obj, path: Path) -> None:
-    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _plain(value):
@@ -157,6 +203,38 @@ def _plain(value):
 
 def _finite_or_none(x):
     return None if x is None or not math.isfinite(x) else float(x)
+
+
+def _file_digest(path: Path) -> str:
+    """``"sha256:<hex>"`` of a file's content, read in HASH_CHUNK pieces (never whole)."""
+    digest = hashlib.sha256()
+    buf = memoryview(bytearray(HASH_CHUNK))
+    with open(path, "rb", buffering=0) as fh:
+        while n := fh.readinto(buf):
+            digest.update(buf[:n])
+    return f"sha256:{digest.hexdigest()}"
+
+
+def fingerprint(tiles_dir, config: dict) -> dict:
+    """What a run depends on: ``data`` (DATA_FILES of ``tiles_dir`` -> content hash) and
+    ``config`` (the settings of ``config`` but RESUME_FREE_KEYS), plain values only."""
+    tiles_dir = Path(tiles_dir)
+    data = {name: _file_digest(tiles_dir / name) for name in DATA_FILES}
+    settings = {k: config[k] for k in sorted(config) if k not in RESUME_FREE_KEYS}
+    return {"data": data, "config": _plain(settings)}
+
+
+def _fingerprint_diffs(old, new: dict) -> list[str]:
+    """What differs between two fingerprints (``["tiles.npy changed", "lr: 0.001 -> 0.01"]``)."""
+    if not isinstance(old, dict) or not isinstance(old.get("data"), dict) \
+            or not isinstance(old.get("config"), dict):
+        return ["it holds no fingerprint of its data and settings (written by an older stfuse)"]
+    diffs = [f"{name} changed" for name in sorted(set(old["data"]) | set(new["data"]))
+             if old["data"].get(name) != new["data"].get(name)]
+    for key in sorted(set(old["config"]) | set(new["config"])):
+        if old["config"].get(key) != new["config"].get(key):
+            diffs.append(f"{key}: {old['config'].get(key)!r} -> {new['config'].get(key)!r}")
+    return diffs
 
 
 @contextmanager
@@ -343,8 +421,8 @@ def _run_epoch(model, loader, device, optimizer=None, scaler=None, amp=False):
 
 def _write_history(history: list[dict], out: Path) -> None:
     frame = pd.DataFrame(history, columns=list(HISTORY_COLUMNS))
-    _atomic_write(out / HISTORY_FILE,
-                  lambda tmp: frame.to_csv(tmp, index=False, lineterminator="\n"))
+    atomic_write(out / HISTORY_FILE,
+                 lambda tmp: frame.to_csv(tmp, index=False, lineterminator="\n"))
 
 
 def _plot_history(history: list[dict], out: Path) -> None:
@@ -364,7 +442,7 @@ def _plot_history(history: list[dict], out: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    _atomic_write(out / PLOT_FILE, lambda tmp: fig.savefig(tmp, format="png"))
+    atomic_write(out / PLOT_FILE, lambda tmp: fig.savefig(tmp, format="png"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -418,16 +496,21 @@ def train(tiles_dir, out_dir, *, model="unet", model_params=None, epochs=30, bat
     num_workers
         DataLoader worker processes.
     resume
-        Continue from ``out_dir/last.pt`` when it exists (its settings must match); a finished
-        run (all epochs done, or stopped early) is not trained further. False: start afresh.
+        Continue from ``out_dir/last.pt`` when it exists and its fingerprint (data and settings,
+        see the module docstring) matches this call's; otherwise log a warning naming what
+        changed and start afresh. A finished run (all epochs done, or stopped early) is not
+        trained further, but its missing outputs are written again. False: start afresh.
     max_minutes
         Time budget of this call: no new epoch is started when it would probably end past it
         (judged by the last epoch's duration); at least one epoch is trained per call, and a
         later call with ``resume=True`` continues.
     threads
         ``torch.set_num_threads`` for this call (restored after); None leaves it as it is.
-        On a small machine shared with other jobs, pass the cores this job may use: more
-        intra-op threads than free cores slows training down by an order of magnitude.
+        Results are bit-identical only for the same thread count (and machine and torch
+        build), so pass a fixed number rather than the cores a scheduler happens to grant; it
+        is part of the resume fingerprint. On a small machine shared with other jobs, do not
+        pass more than the cores this job may use: more intra-op threads than free cores slows
+        training down by an order of magnitude.
     residual
         ``"auto"`` (default): wrap the model in :class:`stfuse.models.ResidualOnPrior` when
         the export holds the temporal prior channels; True: require them (ValueError
@@ -435,7 +518,8 @@ def train(tiles_dir, out_dir, *, model="unet", model_params=None, epochs=30, bat
 
     Returns a summary dict: ``epochs_run`` (in this call), ``last_epoch``, ``best_epoch``,
     ``best_val_loss``, ``samples_per_s`` (training, this call), ``seconds`` (this call),
-    ``stopped`` (why training ended), ``resumed_from`` (epoch or None), ``device``,
+    ``stopped`` (why training ended), ``resumed_from`` (epoch or None), ``restart_reason``
+    (why an existing ``last.pt`` was not resumed, or None), ``device``,
     ``train_samples``, ``val_samples``, ``val_split`` and the output ``files``.
     """
     with torch_threads(threads):
@@ -465,9 +549,19 @@ def _train(tiles_dir, out_dir, *, model, model_params, epochs, batch_size, lr, k
 
     train_ds = GapFillDataset(tiles_dir, "train", k_neighbours=k_neighbours,
                               extra_mask_seed=0, extra_mask_fraction=extra_mask_fraction)
+    if train_ds.n_dates < 2:
+        raise ValueError(
+            f"{tiles_dir}: the export has {train_ds.n_dates} optical date(s); self-supervised "
+            "training hides pixels of one date with the real cloud mask of another, so it needs "
+            f"at least 2 (and uses K = {k_neighbours} previous and next dates as inputs, config "
+            "key pairing.neighbours): the study has too few usable optical dates -- widen its "
+            "period or area, or check the optical input")
     if len(train_ds) == 0:
-        raise ValueError(f"{tiles_dir}: the train split has no sample (no tile, or no date "
-                         "clear enough); nothing to train on")
+        raise ValueError(
+            f"{tiles_dir}: the train split has no sample: no train tile, or no date of its "
+            f"{train_ds.n_dates} optical dates with >= {train_ds.min_target_valid:.0%} clear "
+            "pixels in any train tile; nothing to train on (the study is too cloudy or too "
+            "small: check its optical input and the tiles section of the config)")
     val_split = "val"
     val_seed = _derived_seed(seed, 1)
     val_ds = GapFillDataset(tiles_dir, "val", k_neighbours=k_neighbours,
@@ -495,6 +589,9 @@ def _train(tiles_dir, out_dir, *, model, model_params, epochs, batch_size, lr, k
         "val_mask_seed": val_seed, "torch_threads": torch.get_num_threads(),
         "residual": residual_spec is not None,
     }
+    t_hash = time.perf_counter()
+    fprint = fingerprint(tiles_dir, config)
+    logger.debug("fingerprint of %s in %.1f s", tiles_dir, time.perf_counter() - t_hash)
     base = {
         "format": CHECKPOINT_FORMAT,
         "format_version": CHECKPOINT_VERSION if residual_spec is not None else 1,
@@ -509,6 +606,7 @@ def _train(tiles_dir, out_dir, *, model, model_params, epochs, batch_size, lr, k
         "config": config,
         "versions": {"stfuse": str(stfuse.__version__), "torch": str(torch.__version__)},
         "residual": residual_spec,
+        "fingerprint": fprint,
     }
 
     with _deterministic(dev):
@@ -527,12 +625,26 @@ def _train(tiles_dir, out_dir, *, model, model_params, epochs, batch_size, lr, k
 
         history: list[dict] = []
         best_epoch, best_loss, since_best, start_epoch = None, math.inf, 0, 1
-        stopped, resumed_from = None, None
+        stopped, resumed_from, restart_reason = None, None, None
         best_saved = None  # what model.pt holds (less ``base``), also kept in last.pt
         last_path = out / LAST_FILE
+        last = None
         if resume and last_path.exists():
-            last = load_checkpoint(last_path)
-            _check_resumable(last, base, config, last_path)
+            try:
+                last = load_checkpoint(last_path)
+            except ValueError as exc:
+                restart_reason = f"unreadable: {exc}"
+            else:
+                # the layout check only matters if the fingerprint matches (another stfuse)
+                diffs = _fingerprint_diffs(last.get("fingerprint"), fprint) \
+                    or _check_resumable(last, base, config)
+                if diffs:
+                    restart_reason = "; ".join(diffs)
+                    last = None
+            if restart_reason is not None:
+                logger.warning("not resuming from %s (%s), starting afresh", last_path,
+                               restart_reason)
+        if last is not None:
             net.load_state_dict(last["state_dict"])
             optimizer.load_state_dict(last["optimizer"])
             if amp and last.get("scaler"):
@@ -555,10 +667,9 @@ def _train(tiles_dir, out_dir, *, model, model_params, epochs, batch_size, lr, k
                             last_path)
             logger.info("resuming from %s: epoch %d done (best %s, val loss %s)", last_path,
                         last["epoch"], best_epoch, _finite_or_none(best_loss))
-        elif not resume:
-            for name in (MODEL_FILE, LAST_FILE):
-                if (out / name).exists():
-                    (out / name).unlink()
+        else:  # afresh: nothing stale may survive (model.pt of other data, its history..)
+            for name in OUTPUT_FILES:
+                (out / name).unlink(missing_ok=True)
 
         n_params = sum(p.numel() for p in net.parameters())
         logger.info("training %s %s%s (%d parameters) on %s%s: %d train / %d %s samples, "
@@ -588,6 +699,13 @@ def _train(tiles_dir, out_dir, *, model, model_params, epochs, batch_size, lr, k
             train_loss = total / count if count else None
             val_loss = v_total / v_count if v_count else None
             monitor = val_loss if val_loss is not None else train_loss
+            if monitor is None and best_saved is None:
+                raise ValueError(
+                    f"{tiles_dir}: epoch {epoch} gave no loss: none of the {len(train_ds)} "
+                    f"train / {len(val_ds)} {val_split} samples has a pixel hidden by another "
+                    f"date's cloud mask that is clear at its own date (the "
+                    f"{train_ds.n_dates} optical dates are all clear, or their clouds never "
+                    "cover clear pixels of another date); nothing to learn from")
             improved = monitor is not None and monitor < best_loss
             if improved:
                 best_epoch, best_loss, since_best = epoch, monitor, 0
@@ -634,7 +752,7 @@ def _train(tiles_dir, out_dir, *, model, model_params, epochs, batch_size, lr, k
                         history[-1]["samples_per_s"] or 0.0, epoch_s, elapsed)
             if stopped == "early_stopping":
                 logger.info("early stopping: no better validation loss for %d epochs (best: "
-                            "epoch %d, %s)", patience, best_epoch, _fmt(best_loss))
+                            "epoch %s, %s)", patience, best_epoch, _fmt(best_loss))
             elif stopped == "max_minutes":
                 logger.info("stopping after epoch %d: the next epoch (~%.0f s) would end past "
                             "max_minutes=%s; rerun with resume=True to continue", epoch,
@@ -642,6 +760,15 @@ def _train(tiles_dir, out_dir, *, model, model_params, epochs, batch_size, lr, k
             if stopped is not None:
                 break
 
+    # a rerun of a finished run trains nothing: write back what a workflow manager deleted
+    if history and not (out / HISTORY_FILE).exists():
+        _write_history(history, out)
+    if history and not (out / PLOT_FILE).exists():
+        _plot_history(history, out)
+    if not (out / MODEL_FILE).exists():  # e.g. NaN losses from the first epoch on
+        raise ValueError(f"{out}: no epoch gave a finite loss, so there is no {MODEL_FILE} "
+                         f"(losses: {[(h['train_loss'], h['val_loss']) for h in history]}); "
+                         "lower lr or check the export")
     seconds = time.perf_counter() - t_start
     return {
         "epochs_run": epochs_run,
@@ -652,6 +779,7 @@ def _train(tiles_dir, out_dir, *, model, model_params, epochs, batch_size, lr, k
         "seconds": seconds,
         "stopped": stopped,
         "resumed_from": resumed_from,
+        "restart_reason": restart_reason,
         "device": str(dev),
         "train_samples": len(train_ds),
         "val_samples": len(val_ds),
@@ -665,7 +793,8 @@ def _fmt(x) -> str:
     return "n/a" if x is None or not math.isfinite(x) else f"{x:.4f}"
 
 
-def _check_resumable(last: dict, base: dict, config: dict, path: Path) -> None:
+def _check_resumable(last: dict, base: dict, config: dict) -> list[str]:
+    """The settings and input layout of ``last`` that differ from this run's (none: resumable)."""
     diffs = []
     for key in RESUME_KEYS:
         if last["config"].get(key) != config[key]:
@@ -675,6 +804,4 @@ def _check_resumable(last: dict, base: dict, config: dict, path: Path) -> None:
             diffs.append(f"{key}: {last[key]!r} -> {base[key]!r}")
     if _residual_spec(last.get("residual")) != base["residual"]:
         diffs.append(f"residual: {last.get('residual')!r} -> {base['residual']!r}")
-    if diffs:
-        raise ValueError(f"cannot resume from {path}: it was trained with other settings "
-                         f"({'; '.join(diffs)}); use resume=False or another out_dir")
+    return diffs

@@ -1,11 +1,15 @@
 # Stage 8: hold out cells on clear dates, then score the model (trained without them) and the baselines.
+# holdout is a checkpoint: it also decides whether the data support the benchmark (holdout.json), and
+# score requests the heldout variant (its tiles, training, inference) only when they do. When not, score
+# writes its outputs saying why, and the run still succeeds.
 
 
-rule holdout:
+checkpoint holdout:
     input:
         cube=f"{RESULTS}/cube/cube.npy",
     output:
         hidden=f"{RESULTS}/heldout/hidden.npy",
+        info=f"{RESULTS}/heldout/holdout.json",
     log:
         f"{LOGS}/heldout/holdout.log",
     benchmark:
@@ -24,10 +28,10 @@ rule holdout:
 
 rule score:
     input:
+        unpack(scored_variants),
         cube=f"{RESULTS}/cube/cube.npy",
         hidden=f"{RESULTS}/heldout/hidden.npy",
-        heldout=f"{RESULTS}/heldout/infer/filled.npy",
-        main=f"{RESULTS}/main/infer/filled.npy",
+        info=f"{RESULTS}/heldout/holdout.json",
         truth=synthetic_truth_manifest,
     output:
         scores=f"{RESULTS}/benchmark/scores.csv",

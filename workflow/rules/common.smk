@@ -3,8 +3,12 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
+import stfuse.config
+
 
 validate(config, schema="../schemas/config.schema.yaml")
+stfuse.config.check(config)  # every DAG-time check beyond the schema, each naming its config key
+if "grass_project" in config["input"]: import stfuse.existing; stfuse.existing.check_config(config)  # STRDS read as they are
 
 STUDY = config["study"]
 RESULTS = f"results/{STUDY}"
@@ -15,16 +19,7 @@ OPTICAL = [s for s, spec in config["sensors"].items() if spec["role"] == "optica
 SAR = [s for s, spec in config["sensors"].items() if spec["role"] == "sar"]
 INPUT = next(iter(config["input"]))
 
-if len(OPTICAL) != 1 or len(SAR) != 1:
-    raise ValueError(
-        "config key sensors: need exactly one sensor with role optical and one with role sar, "
-        f"got optical={OPTICAL} sar={SAR}"
-    )
-for _name, _spec in config["sensors"].items():
-    if _spec["role"] == "optical" and "mask" not in _spec:
-        raise ValueError(f"config key sensors.{_name}.mask: an optical sensor needs a mask band")
-if INPUT == "manifest" and not Path(config["input"]["manifest"]).is_file():
-    raise ValueError(f"config key input.manifest: {config['input']['manifest']} does not exist")
+# An optical sensor without `mask` (or `mask: null`) is valid wherever every band has data.
 
 # The pipeline's own GRASS project (manifest or synthetic input) or the user's (grass_project input).
 if INPUT == "grass_project":
@@ -85,3 +80,18 @@ def stage_targets(stage):
         "benchmark": [f"{RESULTS}/benchmark/summary.md"],
     }
     return targets[stage]
+
+
+def benchmark_possible(wildcards=None):
+    """The holdout checkpoint's decision: do the study's data support the benchmark? (holdout.json)"""
+    import json
+
+    return json.loads(Path(checkpoints.holdout.get().output.info).read_text())["possible"]
+
+
+def scored_variants(wildcards):
+    """score's model inputs: the heldout and main filled series, only when the benchmark is possible (so
+    the heldout variant is never trained for nothing)."""
+    if not benchmark_possible(wildcards):
+        return {}
+    return {"heldout": f"{RESULTS}/heldout/infer/filled.npy", "main": f"{RESULTS}/main/infer/filled.npy"}

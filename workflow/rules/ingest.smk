@@ -37,6 +37,10 @@ rule ingest_project:
         region=section("region"),
         project=GRASS_PROJECT,
         checked=f"{RESULTS}/ingest/checked_manifest.csv",
+        # Recorded in project.json: every stage's mapsets are named after and marked with the study, and
+        # are replaced only as grass.replace_foreign_maps allows.
+        study=STUDY,
+        grass=section("grass"),
     threads: 1
     resources:
         mem_mb=1000,

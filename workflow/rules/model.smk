@@ -23,6 +23,8 @@ rule train_model:
     params:
         train=section("train"),
         k_neighbours=section("pairing", "neighbours"),
+    # scheduling hint only: torch's thread count is config train.threads (in params.train), so
+    # results do not depend on --cores
     threads: 2
     resources:
         mem_mb=8000,
@@ -48,6 +50,7 @@ rule predict:
         f"{BENCH}/{{variant}}/infer.tsv"
     params:
         infer=section("infer"),
+    # scheduling hint only: torch's thread count is config infer.threads
     threads: 2
     resources:
         mem_mb=8000,

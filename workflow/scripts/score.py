@@ -1,4 +1,5 @@
-"""Rule score: every method on the held-out cells (and, on the demo scene, under the real clouds)."""
+"""Rule score: every method on the held-out cells (and, on the demo scene, under the real clouds); or, when
+the holdout checkpoint found the benchmark impossible, outputs that say why."""
 import json
 from pathlib import Path
 
@@ -6,13 +7,18 @@ from stfuse import benchmark, logs
 
 logs.setup(snakemake.log[0])
 p, optical = snakemake.params.benchmark, snakemake.params.optical
+holdout = json.loads(Path(snakemake.input.info).read_text())
+out_dir = Path(snakemake.output.scores).parent
 cube_dir = Path(snakemake.input.cube).parent
-truth = None
-if snakemake.input.truth:
-    meta = json.loads((cube_dir / "cube.json").read_text())
-    truth = benchmark.synthetic_truth(snakemake.input.truth[0], meta["dates"], optical["bands"],
-                                      optical.get("scale", 1.0), optical.get("offset", 0.0))
-benchmark.benchmark_step(cube_dir, snakemake.input.hidden, Path(snakemake.input.heldout).parent,
-                         Path(snakemake.output.scores).parent, data_range=p["data_range"],
-                         whittaker_lambda=p["whittaker_lambda"], quicklook_dates=p["quicklook_dates"],
-                         truth_cube=truth, main_infer_dir=Path(snakemake.input.main).parent)
+if not holdout["possible"]:
+    benchmark.not_possible_step(out_dir, holdout)
+else:
+    truth = None
+    if snakemake.input.truth:
+        meta = json.loads((cube_dir / "cube.json").read_text())
+        truth = benchmark.synthetic_truth(snakemake.input.truth[0], meta["dates"], optical["bands"],
+                                          optical.get("scale", 1.0), optical.get("offset", 0.0))
+    benchmark.benchmark_step(cube_dir, snakemake.input.hidden, Path(snakemake.input.heldout).parent, out_dir,
+                             data_range=p["data_range"], whittaker_lambda=p["whittaker_lambda"],
+                             quicklook_dates=p["quicklook_dates"], truth_cube=truth,
+                             main_infer_dir=Path(snakemake.input.main).parent)
