@@ -297,14 +297,15 @@ def _gp_config(work: Path, study: str, project: Path, **grass_project):
 @pytest.mark.grass
 def test_two_studies_in_one_grass_project_get_mapsets_of_their_own(user_project, tmp_path):
     root, project = user_project
-    for study in ("gp", "gp2"):
-        proc = run_snakemake(tmp_path, _gp_config(tmp_path, study, project), "ingest")
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        s2 = json.loads((tmp_path / f"results/{study}/ingest/S2.json").read_text())
-        assert s2["valid_strds"] == f"S2_valid@stfuse_{study}_S2"
-        assert json.loads((project / f"stfuse_{study}_S2" / grass.OWN_MAPSET_MARKER).read_text())["study"] == study
-    # Both studies naming one mapset: the second is refused, naming both.
-    assert run_snakemake(tmp_path, _gp_config(tmp_path, "gp", project, mapset="shared"), "ingest").returncode == 0
+    # Study gp in a mapset it names; gp2 in its default mapsets: stfuse_gp2, stfuse_gp2_<sensor>.
+    proc = run_snakemake(tmp_path, _gp_config(tmp_path, "gp", project, mapset="shared"), "ingest")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_snakemake(tmp_path, _gp_config(tmp_path, "gp2", project), "ingest")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s2 = json.loads((tmp_path / "results/gp2/ingest/S2.json").read_text())
+    assert s2["valid_strds"] == "S2_valid@stfuse_gp2_S2"
+    assert json.loads((project / "stfuse_gp2_S2" / grass.OWN_MAPSET_MARKER).read_text())["study"] == "gp2"
+    # gp2 naming gp's mapset: refused, naming both studies, nothing of gp's touched.
     before = tree_hash(project / "shared")
     proc = run_snakemake(tmp_path, _gp_config(tmp_path, "gp2", project, mapset="shared"), "ingest")
     assert proc.returncode != 0
