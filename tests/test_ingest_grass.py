@@ -137,6 +137,18 @@ def test_existing_project_refuses_users_mapset_name(user_project):
         existing.prepare_project(user_project, "ingest_S2", {"S2": "S2@ingest_S2", "S1": "S1@ingest_S1"}, sensors(), {})
 
 
+def test_existing_project_with_too_few_optical_dates_for_k_is_refused(user_project):
+    strds = {"S2": "S2@ingest_S2", "S1": "S1@ingest_S1"}
+    with grass.session(user_project, "ingest_S2", lock=False):
+        import grass.temporal as tgis
+
+        tgis.init()
+        n_dates = len(existing.check_strds(tgis, strds["S2"], "S2", sensors()["S2"]))
+    with pytest.raises(existing.InputError, match=rf"STRDS S2@ingest_S2 \(sensor S2\) has {n_dates} optical date.*pairing.neighbours"):
+        existing.prepare_project(user_project, "stfuse_k", strds, sensors(), {}, neighbours=n_dates)
+    existing.prepare_project(user_project, "stfuse_k", strds, sensors(), {}, neighbours=n_dates - 1)
+
+
 def test_existing_project_missing_label_and_relative_time(user_project):
     cfg = sensors()
     cfg["S2"]["bands"].append("B12")

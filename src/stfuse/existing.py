@@ -19,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import grass
+from .config import check_date_count
 from .ingest import _derive_validity, _iso, grid_dict
 from .manifest import Grid
 from .temporal import DatasetError, granules
@@ -68,8 +69,11 @@ def check_config(config: dict) -> None:
 
 
 def prepare_project(project_dir, mapset: str, strds: dict, sensors: dict, region: dict, *,
-                    study: str | None = None, replace_foreign: bool = False) -> dict:
-    """Check the user's STRDS and record the study region; creates only the pipeline's own mapset."""
+                    study: str | None = None, replace_foreign: bool = False, neighbours: int | None = None) -> dict:
+    """Check the user's STRDS and record the study region; creates only the pipeline's own mapset.
+
+    With `neighbours` (config pairing.neighbours), an optical STRDS with too few granules is refused.
+    """
     project_dir = Path(project_dir).resolve()
     if not (project_dir / "PERMANENT" / "DEFAULT_WIND").is_file():
         raise InputError(f"config key input.grass_project.path: {project_dir} is not a GRASS project")
@@ -84,6 +88,11 @@ def prepare_project(project_dir, mapset: str, strds: dict, sensors: dict, region
         first = {}
         for sensor, spec in sensors.items():
             df = check_strds(tgis, strds[sensor], sensor, spec)
+            if spec["role"] == "optical" and neighbours is not None:
+                try:
+                    check_date_count(len(df), neighbours, f"STRDS {strds[sensor]} (sensor {sensor})")
+                except ValueError as err:
+                    raise InputError(str(err)) from None
             first[sensor] = df[spec["bands"][0]].iloc[0]
         optical = next(s for s, spec in sensors.items() if spec["role"] == "optical")
         if region.get("from", "data") == "explicit":

@@ -8,7 +8,10 @@ import stfuse.config
 
 validate(config, schema="../schemas/config.schema.yaml")
 stfuse.config.check(config)  # every DAG-time check beyond the schema, each naming its config key
-if "grass_project" in config["input"]: import stfuse.existing; stfuse.existing.check_config(config)  # STRDS read as they are
+if "grass_project" in config["input"]:
+    import stfuse.existing
+
+    stfuse.existing.check_config(config)  # the user's STRDS are read as they are: no scale/offset/nodata
 
 STUDY = config["study"]
 RESULTS = f"results/{STUDY}"

@@ -7,7 +7,8 @@ if "grass_project" in params.input:
     spec = params.input["grass_project"]
     state = existing.prepare_project(params.project, spec.get("mapset") or existing.default_mapset(params.study),
                                      spec["strds"], params.sensors, params.region, study=params.study,
-                                     replace_foreign=params.grass.get("replace_foreign_maps", False))
+                                     replace_foreign=params.grass.get("replace_foreign_maps", False),
+                                     neighbours=(snakemake.config.get("pairing") or {}).get("neighbours", 2))
 else:
     # tiles.size from the config, not a param: it only adds a check, and a param would rerun ingest on every change.
     tile_size = (snakemake.config.get("tiles") or {}).get("size")
