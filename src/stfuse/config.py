@@ -112,7 +112,8 @@ def region_size(config: dict) -> tuple[int, int, str] | None:
     return None
 
 
-def _as_date(value, key: str) -> dt.date:
+def parse_date(value, what: str) -> dt.date:
+    """A date from a YAML date or an ISO string; ``what`` names the value in the error."""
     if isinstance(value, dt.datetime):
         return value.date()
     if isinstance(value, dt.date):
@@ -120,13 +121,13 @@ def _as_date(value, key: str) -> dt.date:
     try:
         return dt.date.fromisoformat(str(value)[:10])
     except ValueError:
-        raise ValueError(f"config key {key}: {value!r} is not an ISO date (YYYY-MM-DD)") from None
+        raise ValueError(f"{what}: {value!r} is not an ISO date (YYYY-MM-DD)") from None
 
 
 def synthetic_date_count(spec: dict) -> int:
     """Number of optical dates stfuse.synthetic.make_scene writes for ``input.synthetic``."""
-    start = _as_date(spec.get("start", DEFAULTS["synthetic"]["start"]), "input.synthetic.start")
-    end = _as_date(spec.get("end", DEFAULTS["synthetic"]["end"]), "input.synthetic.end")
+    start = parse_date(spec.get("start", DEFAULTS["synthetic"]["start"]), "config key input.synthetic.start")
+    end = parse_date(spec.get("end", DEFAULTS["synthetic"]["end"]), "config key input.synthetic.end")
     if end <= start:
         raise ValueError(f"config key input.synthetic.end ({end}) must be after input.synthetic.start ({start})")
     return int((end - start).days // SYNTHETIC_OPTICAL_REVISIT_DAYS) + 1

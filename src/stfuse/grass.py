@@ -110,10 +110,16 @@ def create_mapset(project: str | os.PathLike, mapset: str, *, replace: bool = Fa
             raise GrassError(f"mapset {target} already exists")
         _take_lock(target)
         shutil.rmtree(target)
-    target.mkdir()
+    # Built under a temporary name and renamed into place, so that a kill at any moment leaves either
+    # no mapset or a complete one carrying stfuse's marker (never a bare folder that looks like a user's).
+    staging = project / f".{mapset}.stfuse-new"
+    if staging.exists():
+        shutil.rmtree(staging)  # a kill's leftover: the name is stfuse's own
+    staging.mkdir()
     if marker is not None:
-        write_marker(target, marker)
-    shutil.copy(project / "PERMANENT" / "DEFAULT_WIND", target / "WIND")
+        write_marker(staging, marker)
+    shutil.copy(project / "PERMANENT" / "DEFAULT_WIND", staging / "WIND")
+    os.rename(staging, target)
     return target
 
 
@@ -445,9 +451,12 @@ def rebuild_project(project: str | os.PathLike, *, epsg: int | None = None, geor
     """
     project = Path(project)
     permanent = project / "PERMANENT"
-    own, other = [], []
+    own, other, staging = [], [], []
     for entry in sorted(project.iterdir()):
         if entry.name in ("PERMANENT", ".stfuse_project"):
+            continue
+        if entry.is_dir() and entry.name.endswith(".stfuse-new"):
+            staging.append(entry)  # a mapset create_mapset was building when a job was killed
             continue
         (own if entry.is_dir() and read_marker(entry) is not None else other).append(entry)
     if any(mapset_elements(permanent).values()):
@@ -474,6 +483,8 @@ def rebuild_project(project: str | os.PathLike, *, epsg: int | None = None, geor
         for lock in locks:
             _release_lock(lock)
         raise
+    for leftover in staging:
+        shutil.rmtree(leftover)
     for mapset in own:  # each still under the lock taken above
         log.info("deleting stfuse's mapset %s", mapset)
         shutil.rmtree(mapset)

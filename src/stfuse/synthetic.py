@@ -23,6 +23,8 @@ from rasterio.crs import CRS
 from rasterio import Affine
 from scipy.ndimage import gaussian_filter
 
+from .config import parse_date
+
 logger = logging.getLogger("stfuse.synthetic")
 
 S2_BANDS = ("B02", "B03", "B04", "B08")
@@ -49,20 +51,9 @@ CLOUD = np.array([0.44, 0.42, 0.41, 0.42])
 TIME_FMT = "%Y-%m-%dT%H:%M:%SZ"
 
 
-def _as_date(value, name: str) -> dt.date:
-    if isinstance(value, dt.datetime):
-        return value.date()
-    if isinstance(value, dt.date):
-        return value
-    try:
-        return dt.date.fromisoformat(str(value)[:10])
-    except ValueError as exc:
-        raise ValueError(f"{name}: not an ISO date: {value!r}") from exc
-
-
 def _validate(start, end, width, height, optical_revisit_days, sar_revisit_days,
               cloud_cover, fully_cloudy_fraction, n_fields):
-    start, end = _as_date(start, "start"), _as_date(end, "end")
+    start, end = parse_date(start, "start"), parse_date(end, "end")
     if end <= start:
         raise ValueError(f"end ({end}) must be after start ({start})")
     for name, size in (("width", width), ("height", height)):
