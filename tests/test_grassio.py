@@ -270,3 +270,18 @@ def test_helper_server_restarts_after_being_killed(gs):
 def test_no_session():
     with pytest.raises(GrassError, match="no active GRASS session"):
         grassio.region_shape(env={})
+
+
+def test_server_is_a_module_that_only_runs_as_a_program():
+    """The fork server is a real source file (seen by linters and tests); importing it starts nothing."""
+    import subprocess
+    import sys
+
+    import stfuse._grassio_server as server
+    from stfuse import grassio
+
+    assert callable(server.main) and grassio._SERVER_FILE == Path(server.__file__)
+    # Standard library only: it must import under -I -S, as the server is started.
+    proc = subprocess.run([sys.executable, "-I", "-S", "-c", f"import runpy; runpy.run_path({str(grassio._SERVER_FILE)!r})"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
