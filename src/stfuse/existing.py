@@ -20,7 +20,7 @@ import pandas as pd
 
 from . import grass
 from .config import check_date_count
-from .ingest import _derive_validity, _iso, grid_dict
+from .ingest import _derive_validity, _iso, grid_dict, map_name
 from .manifest import Grid
 from .temporal import DatasetError, granules
 
@@ -143,7 +143,7 @@ def ingest_sensor(project_state: dict, sensor: str, spec: dict) -> dict:
         if mask_band:
             g["mask_band"] = names[(when, mask_band)]
         if valid_strds:
-            g["valid"] = f"{sensor}_valid_{when.strftime('%Y%m%dT%H%M%S')}@{mapset}"
+            g["valid"] = f"{map_name(sensor, 'valid', when)}@{mapset}"  # as _derive_validity names it
         granules.append(g)
     log.info("%s: %d granules of %s, validity in %s", sensor, len(dates), strds_id, valid_strds)
     return dict(sensor=sensor, role=spec["role"], mapset=mapset, strds=strds_id, valid_strds=valid_strds,
