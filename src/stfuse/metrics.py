@@ -14,6 +14,8 @@ Conventions
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 from skimage.metrics import structural_similarity
@@ -24,14 +26,22 @@ __all__ = [
     "CLOUD_BINS",
     "GAP_BINS",
     "METRICS",
+    "PART_COLUMNS",
+    "SSIM_HALO",
+    "SSIM_WIN",
     "clear_fraction",
     "days_to_nearest_valid",
     "mae",
+    "merge_scores",
+    "partial_scores",
     "psnr",
     "rmse",
     "sam",
     "score",
+    "ssim_fill",
+    "ssim_fill_parts",
     "ssim_hidden",
+    "ssim_win_size",
     "transplant_masks",
     "valid_mask",
 ]
@@ -44,6 +54,15 @@ CLOUD_BINS = (0.0, 0.25, 0.5, 0.75, 1.0)
 METRICS = ("mae", "rmse", "psnr", "sam", "ssim")
 ALL = "all"
 SCORE_COLUMNS = ("band", "metric", "gap_bin", "cloud_bin", "value", "n_pixels", "n_unfilled")
+#: columns of :func:`partial_scores`' table (``date`` is -1 on rows that are not per date)
+PART_COLUMNS = ("band", "gap_bin", "cloud_bin", "date", "part", "value")
+#: SSIM window side (skimage's default uniform 7 x 7 window), for images of at least 7 x 7
+SSIM_WIN = 7
+#: halo a block needs around its core so that the SSIM map on the core equals the region's:
+#: a cell's SSIM depends only on the cells of its window, at most SSIM_WIN // 2 away (the
+#: uniform filter is separable and local; at the region's edge the block's edge is the region's
+#: edge, so skimage's 'reflect' padding is the same too)
+SSIM_HALO = SSIM_WIN // 2
 
 
 # --------------------------------------------------------------------------------------------
@@ -133,8 +152,13 @@ def sam(truth, pred, mask=None, axis: int = -3) -> float:
 # --------------------------------------------------------------------------------------------
 
 def _ssim_map(truth: np.ndarray, pred: np.ndarray, hidden: np.ndarray, data_range: float,
-              win_size: int | None, **kwargs) -> tuple[np.ndarray, np.ndarray]:
-    """SSIM map of the composite against the truth, and the pixels to average it over."""
+              win_size: int | None, *, fill: float | None = None,
+              **kwargs) -> tuple[np.ndarray, np.ndarray]:
+    """SSIM map of the composite against the truth, and the pixels to average it over.
+
+    ``fill``: the value put in place of NaN truth (and of unfilled hidden pixels); None = the
+    mean of the finite truth of this image. A block of a larger region passes the region's
+    value (:func:`ssim_fill`) so that its map equals the region's."""
     truth = np.asarray(truth, dtype=np.float64)
     pred = np.asarray(pred, dtype=np.float64)
     hidden = np.asarray(hidden, dtype=bool)
@@ -145,18 +169,28 @@ def _ssim_map(truth: np.ndarray, pred: np.ndarray, hidden: np.ndarray, data_rang
     evaluated = hidden & truth_ok & np.isfinite(pred)
     if not truth_ok.any():
         return np.full(truth.shape, np.nan), evaluated
-    fill = float(truth[truth_ok].mean())
+    if fill is None:
+        fill = float(truth[truth_ok].mean())
     ref = np.where(truth_ok, truth, fill)
     inside = hidden & truth_ok
     comp = np.where(inside, np.where(np.isfinite(pred), pred, fill), ref)
     if win_size is None:
-        side = min(truth.shape)
-        win_size = min(7, side if side % 2 else side - 1)
+        win_size = ssim_win_size(truth.shape)
     if win_size < 3:
         raise ValueError(f"image {truth.shape} too small for SSIM (needs >= 3 x 3)")
+    if win_size > min(truth.shape):
+        raise ValueError(f"image {truth.shape} smaller than the SSIM window {win_size}: a block "
+                         f"(core + halo) must be at least {win_size} cells along each side")
     smap = structural_similarity(ref, comp, data_range=data_range, win_size=win_size,
                                  full=True, **kwargs)[1]
     return smap, evaluated
+
+
+def ssim_win_size(shape) -> int:
+    """The SSIM window of an image (or region) of this 2D ``shape``: :data:`SSIM_WIN`, or the
+    largest odd size that fits when a side is shorter. Below 3 SSIM is not defined (NaN)."""
+    side = int(min(shape))
+    return min(SSIM_WIN, side if side % 2 else side - 1)
 
 
 def ssim_hidden(truth, pred, hidden, data_range: float, win_size: int | None = None, **kwargs) -> float:
@@ -297,6 +331,237 @@ def _bin_index(values: np.ndarray, edges) -> np.ndarray:
     return np.where((idx >= 0) & (idx < edges.size - 1) & ~np.isnan(values), idx, -1)
 
 
+def _core_slices(shape, core) -> tuple[slice, slice]:
+    h, w = shape
+    if core is None:
+        return slice(0, h), slice(0, w)
+    r0, c0, nr, nc = (int(v) for v in core)
+    if not (0 <= r0 and 0 <= c0 and nr >= 0 and nc >= 0 and r0 + nr <= h and c0 + nc <= w):
+        raise ValueError(f"core {tuple(core)} (row0, col0, rows, cols) is not inside the arrays' {(h, w)}")
+    return slice(r0, r0 + nr), slice(c0, c0 + nc)
+
+
+def ssim_fill_parts(truth, core=None) -> np.ndarray:
+    """(2, T, B): sum and count of the finite truth of each date and band in ``core`` of a
+    block (``truth`` (T, B, H, W); ``core`` as in :func:`partial_scores`). Summed over the
+    blocks by :func:`ssim_fill`."""
+    truth = np.asarray(truth, dtype=np.float64)
+    if truth.ndim != 4:
+        raise ValueError(f"truth must be (T, B, H, W), got {truth.shape}")
+    rs, cs = _core_slices(truth.shape[2:], core)
+    x = truth[:, :, rs, cs]
+    ok = np.isfinite(x)
+    return np.stack([np.where(ok, x, 0.0).sum(axis=(2, 3)), ok.sum(axis=(2, 3)).astype(np.float64)])
+
+
+def ssim_fill(parts) -> np.ndarray:
+    """(T, B) the region's SSIM fill value (the mean of the finite truth of each date and band,
+    see :func:`ssim_hidden`) from the :func:`ssim_fill_parts` of all its blocks; NaN where there
+    is no finite truth. Pass it to :func:`partial_scores` of every block."""
+    total = np.sum(np.stack([np.asarray(p, dtype=np.float64) for p in parts]), axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total[1] > 0, total[0] / total[1], np.nan)
+
+
+def partial_scores(truth, filled, hidden, bands, *, data_range: float = 1.0, gap_days=None,
+                   cloud_fraction=None, core=None, win_size: int | None = None, ssim_fill=None,
+                   gap_bins=GAP_BINS, cloud_bins=CLOUD_BINS) -> pd.DataFrame:
+    """The additive parts of :func:`score`'s metrics over the hidden pixels of one block's core.
+
+    Arguments as in :func:`score`, for a block of the region: the block's core plus a halo of up
+    to :data:`SSIM_HALO` cells around it (clipped at the region's edge). ``core`` = (row0, col0,
+    rows, cols) of the core inside the arrays given (None: all of them). Only pixels of the core
+    are counted; the SSIM map is computed on the whole arrays given (core + halo), so that a core
+    pixel's window sees its true neighbours and its SSIM equals the whole region's.
+
+    So that blocks agree with the region, pass the region's values of what is not local:
+    ``cloud_fraction`` (T,) per date over the whole region (not recomputed from the block);
+    ``win_size`` the region's SSIM window (:func:`ssim_win_size` of the region's (H, W); None:
+    of the arrays given); ``ssim_fill`` (T, B) the region's fill value for NaN truth
+    (:func:`ssim_fill`; None: the mean of the finite truth of the arrays given). With the
+    defaults and no ``core``, the arrays are the region itself, and
+    ``merge_scores([partial_scores(...)])`` is :func:`score` (which is computed exactly so).
+
+    Returns a table with columns :data:`PART_COLUMNS`, ``value`` a float sum, ``part`` one of:
+    ``n``, ``n_unfilled`` (band 'all'), ``abs_err``, ``sq_err`` (sums of |error| and error^2 per
+    band), ``sam_sum``, ``sam_n`` (band 'all'), per (gap_bin, cloud_bin) combination as in
+    :func:`score` (date -1); per date ``date`` with evaluated core pixels, ``ssim_n`` (band
+    'all') and ``ssim_sum`` per band (sum of the SSIM map on those pixels; left out when SSIM
+    is undefined), with gap_bin 'all' and cloud_bin the date's bin label (``'none'`` outside the
+    bins); and one ``data_range`` row. :func:`merge_scores` sums them over the blocks.
+    """
+    truth = np.asarray(truth, dtype=np.float64)
+    pred = np.asarray(filled, dtype=np.float64)
+    hidden = np.asarray(hidden, dtype=bool)
+    bands = [str(b) for b in bands]
+    data_range = _check_range(data_range)
+    if truth.ndim != 4 or truth.shape != pred.shape:
+        raise ValueError(f"truth and pred must be (T, B, H, W) of one shape, got {truth.shape}, {pred.shape}")
+    t, nb, h, w = truth.shape
+    if hidden.shape != (t, h, w):
+        raise ValueError(f"hidden must be {(t, h, w)}, got {hidden.shape}")
+    if len(bands) != nb:
+        raise ValueError(f"{len(bands)} band names for {nb} bands")
+    rs, cs = _core_slices((h, w), core)
+    if win_size is None:
+        win_size = ssim_win_size((h, w))
+    if ssim_fill is not None:
+        ssim_fill = np.asarray(ssim_fill, dtype=np.float64)
+        if ssim_fill.shape != (t, nb):
+            raise ValueError(f"ssim_fill must be {(t, nb)}, got {ssim_fill.shape}")
+
+    truth_ok = np.isfinite(truth).all(axis=1)
+    pred_ok = np.isfinite(pred).all(axis=1)
+    evaluated_full = hidden & truth_ok & pred_ok
+    evaluated = evaluated_full[:, rs, cs]
+    unfilled = (hidden & truth_ok & ~pred_ok)[:, rs, cs]
+    tc, pc = truth[:, :, rs, cs], pred[:, :, rs, cs]
+    ch, cw = evaluated.shape[1:]
+
+    gap_labels = _bin_labels(gap_bins) if gap_days is not None else []
+    cloud_labels = _bin_labels(cloud_bins) if cloud_fraction is not None else []
+    if gap_days is not None:
+        gap_days = np.asarray(gap_days, dtype=np.float64)
+        if gap_days.shape != (t, h, w):
+            raise ValueError(f"gap_days must be {(t, h, w)}, got {gap_days.shape}")
+        gap_idx = _bin_index(gap_days[:, rs, cs], gap_bins)
+    else:
+        gap_idx = np.zeros((t, ch, cw), dtype=np.int64)
+    if cloud_fraction is not None:
+        cloud_fraction = np.asarray(cloud_fraction, dtype=np.float64)
+        if cloud_fraction.shape != (t,):
+            raise ValueError(f"cloud_fraction must be ({t},), got {cloud_fraction.shape}")
+        date_cloud_idx = _bin_index(cloud_fraction, cloud_bins)
+    else:
+        date_cloud_idx = np.zeros(t, dtype=np.int64)
+    cloud_idx = np.broadcast_to(date_cloud_idx[:, None, None], (t, ch, cw))
+
+    # per evaluated core pixel: errors per band, spectral angle, bins
+    ti, ri, ci = np.nonzero(evaluated)
+    err = (pc[ti, :, ri, ci] - tc[ti, :, ri, ci])  # (n, B)
+    ang = _angles(tc[ti, :, ri, ci], pc[ti, :, ri, ci], axis=-1)  # (n,)
+    px_gap, px_cloud = gap_idx[ti, ri, ci], cloud_idx[ti, ri, ci]
+    un_t, un_r, un_c = np.nonzero(unfilled)
+    un_gap, un_cloud = gap_idx[un_t, un_r, un_c], cloud_idx[un_t, un_r, un_c]
+
+    rows = [(ALL, ALL, ALL, -1, "data_range", data_range)]
+    for g_label, g in [(ALL, None)] + [(lab, i) for i, lab in enumerate(gap_labels)]:
+        for c_label, c in [(ALL, None)] + [(lab, i) for i, lab in enumerate(cloud_labels)]:
+            sel = np.ones(ti.size, dtype=bool)
+            usel = np.ones(un_t.size, dtype=bool)
+            if g is not None:
+                sel &= px_gap == g
+                usel &= un_gap == g
+            if c is not None:
+                sel &= px_cloud == c
+                usel &= un_cloud == c
+            e = err[sel]
+            # sums with the reductions np.mean uses, so that sum / n is bitwise score's mean
+            abs_b, sq_b = np.abs(e).sum(axis=0), (e**2).sum(axis=0)
+            rows.append((ALL, g_label, c_label, -1, "n", float(sel.sum())))
+            rows.append((ALL, g_label, c_label, -1, "n_unfilled", float(usel.sum())))
+            for b, name in enumerate(bands):
+                rows.append((name, g_label, c_label, -1, "abs_err", float(abs_b[b])))
+                rows.append((name, g_label, c_label, -1, "sq_err", float(sq_b[b])))
+            a = ang[sel]
+            a = a[np.isfinite(a)]
+            rows.append((ALL, g_label, c_label, -1, "sam_sum", float(a.sum())))
+            rows.append((ALL, g_label, c_label, -1, "sam_n", float(a.size)))
+
+    # SSIM per date and band: sum of the map (of the whole block) on the evaluated core pixels
+    ssim_n = evaluated.reshape(t, -1).sum(axis=1)
+    for d in np.flatnonzero(ssim_n):
+        k = int(date_cloud_idx[d])
+        c_label = cloud_labels[k] if cloud_labels and k >= 0 else "none"
+        rows.append((ALL, ALL, c_label, int(d), "ssim_n", float(ssim_n[d])))
+        if win_size < 3:  # SSIM needs a 3 x 3 window: undefined, merged to NaN
+            continue
+        for b, name in enumerate(bands):
+            fill = None if ssim_fill is None else float(ssim_fill[d, b])
+            smap, _ = _ssim_map(truth[d, b], pred[d, b], hidden[d], data_range, win_size, fill=fill)
+            rows.append((name, ALL, c_label, int(d), "ssim_sum", float(smap[rs, cs][evaluated[d]].sum())))
+    return pd.DataFrame(rows, columns=list(PART_COLUMNS))
+
+
+def merge_scores(parts) -> pd.DataFrame:
+    """:func:`score`'s table from the :func:`partial_scores` of the blocks of a region.
+
+    Every part is summed over the blocks (``math.fsum``: correctly rounded, so the result does
+    not depend on the order of the blocks) and the metrics are finished as :func:`score` does
+    (means = sums / counts, RMSE and PSNR from the MSE, SSIM per date then weighted by the dates'
+    evaluated pixels). From a single part of the whole region the table is bitwise
+    :func:`score`'s. From several blocks it equals the whole region's score up to the order of
+    float summation inside the blocks (and of skimage's running-sum window filter, which starts
+    at each block's edge): relative differences of order 1e-15, well below 1e-9.
+    """
+    parts = [p for p in parts]
+    if not parts:
+        raise ValueError("merge_scores needs at least one part")
+    df = pd.concat(parts, ignore_index=True)
+    missing = set(PART_COLUMNS) - set(df.columns)
+    if missing:
+        raise ValueError(f"parts lack the columns {sorted(missing)}")
+    ranges = df.loc[df.part == "data_range", "value"].unique()
+    if ranges.size != 1:
+        raise ValueError(f"parts disagree on data_range (or lack it): {list(ranges)}")
+    data_range = float(ranges[0])
+    df = df[df.part != "data_range"]
+    keys = ["band", "gap_bin", "cloud_bin", "date", "part"]
+    total = df.groupby(keys, sort=False)["value"].agg(lambda s: math.fsum(s.to_numpy()))
+    val = total.to_dict()
+
+    first = parts[0]
+    combos = list(dict.fromkeys(zip(first.loc[first.part == "n", "gap_bin"],
+                                    first.loc[first.part == "n", "cloud_bin"])))
+    bands = list(dict.fromkeys(first.loc[first.part == "abs_err", "band"]))
+    nb = len(bands)
+    ssim_rows = df[df.part == "ssim_n"]
+    dates = sorted({int(d) for d in ssim_rows.date})
+    date_label = dict(zip(ssim_rows.date.astype(int), ssim_rows.cloud_bin))
+    ssim_n = np.array([val[(ALL, ALL, date_label[d], d, "ssim_n")] for d in dates], dtype=np.float64)
+    ssim_mean = np.array([[val.get((b, ALL, date_label[d], d, "ssim_sum"), np.nan) for b in bands]
+                          for d in dates], dtype=np.float64).reshape(len(dates), nb)
+    ssim_mean = ssim_mean / ssim_n[:, None] if dates else ssim_mean
+    date_labels = np.array([date_label[d] for d in dates], dtype=object)
+
+    rows = []
+    for g_label, c_label in combos:
+        n = int(val[(ALL, g_label, c_label, -1, "n")])
+        n_un = int(val[(ALL, g_label, c_label, -1, "n_unfilled")])
+        abs_b = np.array([val[(b, g_label, c_label, -1, "abs_err")] for b in bands], dtype=np.float64)
+        sq_b = np.array([val[(b, g_label, c_label, -1, "sq_err")] for b in bands], dtype=np.float64)
+        mse_b = sq_b / n if n else np.full(nb, np.nan)
+        mae_b = abs_b / n if n else np.full(nb, np.nan)
+        for b, name in enumerate(bands):
+            rows.append((name, "mae", g_label, c_label, float(mae_b[b]), n, n_un))
+            rows.append((name, "rmse", g_label, c_label, float(np.sqrt(mse_b[b])), n, n_un))
+            rows.append((name, "psnr", g_label, c_label, _psnr_from_mse(mse_b[b], data_range), n, n_un))
+        pooled_mse = float(mse_b.mean()) if n else float("nan")
+        rows.append((ALL, "mae", g_label, c_label, float(mae_b.mean()) if n else float("nan"), n, n_un))
+        rows.append((ALL, "rmse", g_label, c_label, float(np.sqrt(pooled_mse)), n, n_un))
+        rows.append((ALL, "psnr", g_label, c_label, _psnr_from_mse(pooled_mse, data_range), n, n_un))
+        sam_n = val[(ALL, g_label, c_label, -1, "sam_n")]
+        sam_v = val[(ALL, g_label, c_label, -1, "sam_sum")] / sam_n if sam_n else float("nan")
+        rows.append((ALL, "sam", g_label, c_label, float(sam_v), n, n_un))
+        if g_label == ALL:  # SSIM: whole-image metric, only in the 'all' gap bin
+            sel = np.ones(len(dates), dtype=bool) if c_label == ALL else date_labels == c_label
+            wts = ssim_n[sel]
+            if wts.sum() > 0:
+                per_band = (ssim_mean[sel] * wts[:, None]).sum(axis=0) / wts.sum()
+            else:
+                per_band = np.full(nb, np.nan)
+            for b, name in enumerate(bands):
+                rows.append((name, "ssim", g_label, c_label, float(per_band[b]), n, n_un))
+            rows.append((ALL, "ssim", g_label, c_label, float(per_band.mean()) if nb else float("nan"),
+                         n, n_un))
+    out = pd.DataFrame(rows, columns=list(SCORE_COLUMNS))
+    order = {m: i for i, m in enumerate(METRICS)}
+    band_order = {b: i for i, b in enumerate(bands + [ALL])}
+    out = out.sort_values(["metric", "band"], kind="stable",
+                          key=lambda col: col.map(order if col.name == "metric" else band_order))
+    return out.reset_index(drop=True)
+
+
 def score(truth, pred, hidden, bands, *, data_range: float = 1.0, gap_days=None,
           cloud_fraction=None, gap_bins=GAP_BINS, cloud_bins=CLOUD_BINS) -> pd.DataFrame:
     """Score a filled series on the hidden pixels, overall and per gap-length / cloud bin.
@@ -328,101 +593,11 @@ def score(truth, pred, hidden, bands, *, data_range: float = 1.0, gap_days=None,
     the ``'all'`` gap bin (cloud bins are per date and are fine); it is NaN for images smaller
     than 3 x 3 pixels. ``n_pixels`` counts
     evaluated pixel locations (date, row, column), the same for every band.
+
+    Computed as ``merge_scores([partial_scores(...)])`` on the whole region, so that a region
+    scored block by block (:func:`partial_scores` per block, then :func:`merge_scores`) uses the
+    same code and gives the same table up to float summation order.
     """
-    truth = np.asarray(truth, dtype=np.float64)
-    pred = np.asarray(pred, dtype=np.float64)
-    hidden = np.asarray(hidden, dtype=bool)
-    bands = [str(b) for b in bands]
-    data_range = _check_range(data_range)
-    if truth.ndim != 4 or truth.shape != pred.shape:
-        raise ValueError(f"truth and pred must be (T, B, H, W) of one shape, got {truth.shape}, {pred.shape}")
-    t, nb, h, w = truth.shape
-    if hidden.shape != (t, h, w):
-        raise ValueError(f"hidden must be {(t, h, w)}, got {hidden.shape}")
-    if len(bands) != nb:
-        raise ValueError(f"{len(bands)} band names for {nb} bands")
-
-    truth_ok = np.isfinite(truth).all(axis=1)
-    pred_ok = np.isfinite(pred).all(axis=1)
-    evaluated = hidden & truth_ok & pred_ok
-    unfilled = hidden & truth_ok & ~pred_ok
-
-    gap_labels = _bin_labels(gap_bins) if gap_days is not None else []
-    cloud_labels = _bin_labels(cloud_bins) if cloud_fraction is not None else []
-    if gap_days is not None:
-        gap_days = np.asarray(gap_days, dtype=np.float64)
-        if gap_days.shape != (t, h, w):
-            raise ValueError(f"gap_days must be {(t, h, w)}, got {gap_days.shape}")
-        gap_idx = _bin_index(gap_days, gap_bins)
-    else:
-        gap_idx = np.zeros((t, h, w), dtype=np.int64)
-    if cloud_fraction is not None:
-        cloud_fraction = np.asarray(cloud_fraction, dtype=np.float64)
-        if cloud_fraction.shape != (t,):
-            raise ValueError(f"cloud_fraction must be ({t},), got {cloud_fraction.shape}")
-        date_cloud_idx = _bin_index(cloud_fraction, cloud_bins)
-    else:
-        date_cloud_idx = np.zeros(t, dtype=np.int64)
-    cloud_idx = np.broadcast_to(date_cloud_idx[:, None, None], (t, h, w))
-
-    # per evaluated pixel: errors per band, spectral angle, bins
-    ti, ri, ci = np.nonzero(evaluated)
-    err = (pred[ti, :, ri, ci] - truth[ti, :, ri, ci])  # (n, B)
-    ang = _angles(truth[ti, :, ri, ci], pred[ti, :, ri, ci], axis=-1)  # (n,)
-    px_gap, px_cloud = gap_idx[ti, ri, ci], cloud_idx[ti, ri, ci]
-    un_t, un_r, un_c = np.nonzero(unfilled)
-    un_gap, un_cloud = gap_idx[un_t, un_r, un_c], cloud_idx[un_t, un_r, un_c]
-
-    # SSIM per date and band: mean over the date's evaluated pixels, and their number
-    ssim_mean = np.full((t, nb), np.nan)
-    ssim_n = evaluated.reshape(t, -1).sum(axis=1)
-    for d in np.flatnonzero(ssim_n) if min(h, w) >= 3 else []:  # SSIM needs a 3 x 3 window
-        for b in range(nb):
-            smap, _ = _ssim_map(truth[d, b], pred[d, b], hidden[d], data_range, None)
-            ssim_mean[d, b] = smap[evaluated[d]].mean()
-
-    rows = []
-    for g_label, g in [(ALL, None)] + [(lab, i) for i, lab in enumerate(gap_labels)]:
-        for c_label, c in [(ALL, None)] + [(lab, i) for i, lab in enumerate(cloud_labels)]:
-            sel = np.ones(ti.size, dtype=bool)
-            usel = np.ones(un_t.size, dtype=bool)
-            if g is not None:
-                sel &= px_gap == g
-                usel &= un_gap == g
-            if c is not None:
-                sel &= px_cloud == c
-                usel &= un_cloud == c
-            n, n_un = int(sel.sum()), int(usel.sum())
-            e = err[sel]
-            mse_b = (e**2).mean(axis=0) if n else np.full(nb, np.nan)
-            mae_b = np.abs(e).mean(axis=0) if n else np.full(nb, np.nan)
-            for b, name in enumerate(bands):
-                rows.append((name, "mae", g_label, c_label, float(mae_b[b]), n, n_un))
-                rows.append((name, "rmse", g_label, c_label, float(np.sqrt(mse_b[b])), n, n_un))
-                rows.append((name, "psnr", g_label, c_label, _psnr_from_mse(mse_b[b], data_range), n, n_un))
-            pooled_mse = float(mse_b.mean()) if n else float("nan")
-            rows.append((ALL, "mae", g_label, c_label, float(mae_b.mean()) if n else float("nan"), n, n_un))
-            rows.append((ALL, "rmse", g_label, c_label, float(np.sqrt(pooled_mse)), n, n_un))
-            rows.append((ALL, "psnr", g_label, c_label, _psnr_from_mse(pooled_mse, data_range), n, n_un))
-            a = ang[sel]
-            a = a[np.isfinite(a)]
-            rows.append((ALL, "sam", g_label, c_label, float(a.mean()) if a.size else float("nan"), n, n_un))
-            if g is None:  # SSIM: whole-image metric, only in the 'all' gap bin
-                dates = ssim_n > 0
-                if c is not None:
-                    dates &= date_cloud_idx == c
-                wts = ssim_n[dates].astype(np.float64)
-                if wts.sum() > 0:
-                    per_band = (ssim_mean[dates] * wts[:, None]).sum(axis=0) / wts.sum()
-                else:
-                    per_band = np.full(nb, np.nan)
-                for b, name in enumerate(bands):
-                    rows.append((name, "ssim", g_label, c_label, float(per_band[b]), n, n_un))
-                rows.append((ALL, "ssim", g_label, c_label, float(per_band.mean()) if nb else float("nan"),
-                             n, n_un))
-    df = pd.DataFrame(rows, columns=list(SCORE_COLUMNS))
-    order = {m: i for i, m in enumerate(METRICS)}
-    band_order = {b: i for i, b in enumerate(bands + [ALL])}
-    df = df.sort_values(["metric", "band"], kind="stable",
-                        key=lambda col: col.map(order if col.name == "metric" else band_order))
-    return df.reset_index(drop=True)
+    return merge_scores([partial_scores(truth, pred, hidden, bands, data_range=data_range,
+                                        gap_days=gap_days, cloud_fraction=cloud_fraction,
+                                        gap_bins=gap_bins, cloud_bins=cloud_bins)])
