@@ -268,6 +268,32 @@ def test_sar_regression_per_pixel_recovers_pixel_coefficients():
     assert np.abs(pooled[:, 0][own] - truth[own]).max() > 1e-3  # the pooled fit cannot be exact
 
 
+def test_sar_regression_fit_merges_from_block_statistics():
+    """The pooled fit from per-block sufficient statistics (merged) equals the whole-region fit up to float
+    rounding (relative 1e-12: the merge is exact algebra, only the summation order differs), and a block
+    filled with the region's coefficients equals the same cells of the region filled at once."""
+    obs, sar, _, _ = sar_case(seed=4, t=9, h=13, w=11)
+    obs[:, 0] += np.float32(0.01) * np.random.default_rng(5).standard_normal(obs[:, 0].shape).astype(np.float32)
+    whole = fit_sar_regression(obs, sar)
+    cuts = [(0, 5), (5, 6), (6, 13)], [(0, 4), (4, 11)]
+    parts = [bl.sar_regression_stats(obs[..., r0:r1, c0:c1], sar[..., r0:r1, c0:c1])
+             for r0, r1 in cuts[0] for c0, c1 in cuts[1]]
+    parts.insert(2, bl.sar_regression_stats(obs[..., :0, :], sar[..., :0, :]))  # an empty block
+    merged = bl.merge_sar_stats(parts)
+    np.testing.assert_array_equal(merged.n, bl.sar_regression_stats(obs, sar).n)
+    coef = bl.solve_sar_regression(merged)
+    np.testing.assert_allclose(coef, whole, rtol=1e-12, atol=0)
+    np.testing.assert_array_equal(bl.solve_sar_regression(bl.merge_sar_stats([bl.sar_regression_stats(obs, sar)])),
+                                  whole)  # one part: bit for bit
+    times = dates(np.arange(obs.shape[0]) * 6.0)
+    full = sar_regression(obs, times, sar)
+    np.testing.assert_array_equal(sar_regression(obs, times, sar, coef=whole), full)
+    block = sar_regression(obs[..., 6:13, 4:11], times, sar[..., 6:13, 4:11], coef=whole)
+    np.testing.assert_array_equal(block, full[..., 6:13, 4:11])
+    with pytest.raises(ValueError, match="coef"):
+        sar_regression(obs, times, sar, coef=whole[:, :2])
+
+
 def test_sar_regression_needs_sar():
     obs, times, _ = random_case()
     with pytest.raises(ValueError, match="sar"):

@@ -33,7 +33,7 @@ Methods (also in :data:`BASELINES`, callable through :func:`run_baseline`):
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -41,12 +41,16 @@ import pandas as pd
 __all__ = [
     "BASELINES",
     "DEFAULT_WHITTAKER_LAMBDA",
+    "SarStats",
     "days_since_start",
     "fit_sar_regression",
     "linear_in_time",
+    "merge_sar_stats",
     "nearest_in_time",
     "run_baseline",
     "sar_regression",
+    "sar_regression_stats",
+    "solve_sar_regression",
     "whittaker",
     "whittaker_smooth",
 ]
@@ -350,19 +354,30 @@ def whittaker(obs, times, sar=None, lam: float = DEFAULT_WHITTAKER_LAMBDA) -> np
 # SAR regression
 # --------------------------------------------------------------------------------------------
 
-def fit_sar_regression(obs, sar) -> np.ndarray:
-    """Least-squares coefficients (B, 1 + S) of ``obs[:, b] ~ a + sum_s c_s * sar[:, s]``.
+class SarStats(NamedTuple):
+    """Sufficient statistics of :func:`fit_sar_regression` over some dates and pixels, per band b.
 
-    Pooled over all dates and pixels where the band and every SAR band are finite; row b is
-    (a, c_0, ..., c_{S-1}) in the order of the SAR bands. A band with fewer than S + 1 such
-    samples, or rank-deficient (e.g. constant) SAR values, gets a row of NaN. Solved through
-    the centred normal equations, accumulated date by date (two passes: means, then
-    cross-products), so memory stays at one date's worth whatever the length of the series.
+    ``n`` (B,) samples; ``mean_f`` (B, S), ``mean_y`` (B,) their means; ``cov`` (B, S, S) and
+    ``rhs`` (B, S) the *centred* normal equations: sum (f - mean_f)(f - mean_f)' and
+    sum (f - mean_f)(y - mean_y). Parts of a region (blocks) merge with :func:`merge_sar_stats`;
+    :func:`solve_sar_regression` turns the region's statistics into the coefficients.
     """
+
+    n: np.ndarray
+    mean_f: np.ndarray
+    mean_y: np.ndarray
+    cov: np.ndarray
+    rhs: np.ndarray
+
+
+def sar_regression_stats(obs, sar) -> SarStats:
+    """:class:`SarStats` of ``obs`` (T, B, H, W) on ``sar`` (T, S, H, W): every date and pixel where
+    the band and every SAR band are finite. Accumulated date by date in two passes (means, then
+    centred cross-products), so memory stays at one date's worth of the arrays given."""
     obs = np.asarray(obs)
     sar = np.asarray(sar)
     _check_sar(sar, obs)
-    t, nb, h, w = obs.shape
+    t, nb = obs.shape[:2]
     s = sar.shape[1]
     n = np.zeros(nb)
     sum_f, sum_y = np.zeros((nb, s)), np.zeros(nb)
@@ -388,6 +403,40 @@ def fit_sar_regression(obs, sar) -> np.ndarray:
             fc = f - mu_f[band][:, None]
             cov[band] += fc @ fc.T
             rhs[band] += fc @ (y - mu_y[band])
+    return SarStats(n, mu_f, mu_y, cov, rhs)
+
+
+def merge_sar_stats(parts) -> SarStats:
+    """The :class:`SarStats` of the union of disjoint sets of samples (e.g. the blocks of a region).
+
+    Pairwise update of the means and centred cross-products (Chan, Golub & LeVeque 1979): with
+    d the difference of the two parts' means, cov = cov_a + cov_b + d d' n_a n_b / n -- exact
+    algebra, so the merged statistics are those of the whole up to float rounding (relative
+    1e-15), and stable where the raw sums X'X, X'y would cancel (SAR in dB: means ~ -15, spreads
+    of a few dB). One part is returned unchanged, so a whole-region fit is bit for bit the same.
+    """
+    parts = list(parts)
+    if not parts:
+        raise ValueError("merge_sar_stats needs at least one part")
+    acc = parts[0]
+    for part in parts[1:]:
+        na, nb_ = acc.n, part.n
+        n = na + nb_
+        nn = np.maximum(n, 1)
+        df = part.mean_f - acc.mean_f          # (B, S)
+        dy = part.mean_y - acc.mean_y          # (B,)
+        wb = nb_ / nn                          # share of the new part: 1.0 exactly when acc is empty
+        cross = na * nb_ / nn                  # 0 when either part is empty
+        acc = SarStats(n, acc.mean_f + df * wb[:, None], acc.mean_y + dy * wb,
+                       acc.cov + part.cov + np.einsum("bi,bj->bij", df, df) * cross[:, None, None],
+                       acc.rhs + part.rhs + df * (dy * cross)[:, None])
+    return acc
+
+
+def solve_sar_regression(stats: SarStats) -> np.ndarray:
+    """Coefficients (B, 1 + S) from :class:`SarStats` (see :func:`fit_sar_regression`)."""
+    n, mu_f, mu_y, cov, rhs = stats
+    nb, s = mu_f.shape
     coef = np.full((nb, 1 + s), np.nan)
     for band in range(nb):
         if n[band] < s + 1:
@@ -402,6 +451,22 @@ def fit_sar_regression(obs, sar) -> np.ndarray:
         coef[band, 0] = mu_y[band] - mu_f[band] @ sol
         coef[band, 1:] = sol
     return coef
+
+
+def fit_sar_regression(obs, sar) -> np.ndarray:
+    """Least-squares coefficients (B, 1 + S) of ``obs[:, b] ~ a + sum_s c_s * sar[:, s]``.
+
+    Pooled over all dates and pixels where the band and every SAR band are finite; row b is
+    (a, c_0, ..., c_{S-1}) in the order of the SAR bands. A band with fewer than S + 1 such
+    samples, or rank-deficient (e.g. constant) SAR values, gets a row of NaN. Solved through
+    the centred normal equations, accumulated date by date (two passes: means, then
+    cross-products), so memory stays at one date's worth whatever the length of the series.
+
+    For a region too large to hold at once, fit block by block with the same result:
+    ``solve_sar_regression(merge_sar_stats(sar_regression_stats(o, s) for o, s in blocks))``,
+    then pass the coefficients to :func:`sar_regression` (``coef=``) of every block.
+    """
+    return solve_sar_regression(sar_regression_stats(obs, sar))
 
 
 def _fit_per_pixel(y: np.ndarray, feats: np.ndarray, ok_sar: np.ndarray, min_samples: int):
@@ -429,7 +494,7 @@ def _fit_per_pixel(y: np.ndarray, feats: np.ndarray, ok_sar: np.ndarray, min_sam
     return coef
 
 
-def sar_regression(obs, times, sar, per_pixel: bool = False, min_samples: int = 10) -> np.ndarray:
+def sar_regression(obs, times, sar, per_pixel: bool = False, min_samples: int = 10, coef=None) -> np.ndarray:
     """Fill gaps from the paired SAR with a per-band linear regression, else linearly in time.
 
     For each optical band b: ``obs_b ~ a_b + sum_s c_{b,s} * sar_s`` over all S SAR bands
@@ -447,13 +512,23 @@ def sar_regression(obs, times, sar, per_pixel: bool = False, min_samples: int = 
     pixels never observed optically; gaps without SAR (or every gap of a band whose fit failed)
     fall back to :func:`linear_in_time`. NaN remains only where neither is possible (no SAR
     on that date and no valid optical value in the series). Estimates are not clipped.
+
+    ``coef``: precomputed pooled coefficients (B, 1 + S), e.g. fitted over a whole region whose
+    blocks are filled one at a time (see :func:`fit_sar_regression`); None fits them on ``obs``.
+    Everything else is per pixel, so a block filled with the region's ``coef`` equals the same
+    cells of the region filled at once.
     """
     obs, _ = _check_obs(obs, times)
     sar = _check_sar(sar, obs)
     t, nb, h, w = obs.shape
     s = sar.shape[1]
     out = linear_in_time(obs, times)
-    coef = fit_sar_regression(obs, sar)
+    if coef is None:
+        coef = fit_sar_regression(obs, sar)
+    else:
+        coef = np.asarray(coef, dtype=np.float64)
+        if coef.shape != (nb, 1 + s):
+            raise ValueError(f"coef must be (B, 1 + S) = ({nb}, {1 + s}), got {coef.shape}")
     obs_flat = obs.reshape(t, nb, h * w)
     sar_flat = sar.reshape(t, s, h * w)
     out_flat = out.reshape(t, nb, h * w)  # a view: out is a fresh C-contiguous array

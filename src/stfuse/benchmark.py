@@ -10,6 +10,7 @@ under the real clouds against the scene's known cloud-free truth.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import baselines, metrics
+from . import baselines, blocks, metrics
 from .bridge import hide
 
 log = logging.getLogger("stfuse.benchmark")
@@ -129,14 +130,19 @@ def holdout_step(cube_dir, hidden_path, info_path, *, min_clear: float, seed: in
 
 
 def run_methods(obs: np.ndarray, times, sar: np.ndarray | None, model_filled: np.ndarray | None,
-                whittaker_lambda: float) -> dict[str, np.ndarray]:
-    """Every baseline on the same gappy series, plus the model's filled series when given."""
+                whittaker_lambda: float, sar_coef: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Every baseline on the same gappy series, plus the model's filled series when given.
+
+    ``sar_coef``: the pooled ``sar_regression`` coefficients (B, 1 + S) when ``obs`` is a block of a
+    larger region (fitted over the region); None fits them on ``obs``."""
     out = {}
     for name in baselines.BASELINES:
         params = {"lam": whittaker_lambda} if name == "whittaker" else {}
+        if name == "sar_regression" and sar_coef is not None:
+            params["coef"] = sar_coef
         t0 = time.perf_counter()
         out[name] = baselines.run_baseline(name, obs, times, sar, **params)
-        log.info("baseline %s: %.1f s", name, time.perf_counter() - t0)
+        log.debug("baseline %s: %.1f s", name, time.perf_counter() - t0)
     if model_filled is not None:
         out[MODEL] = model_filled
     return out
@@ -239,56 +245,241 @@ def plot_quicklook(truth, gappy, methods: dict, hidden, dates: list[dict], t_lis
     plt.close(fig)
 
 
+#: the quicklook shows at most this many cells along a side (every k-th row and column beyond)
+QUICKLOOK_MAX_CELLS = 1024
+#: default edge (cells) of the blocks :func:`benchmark_step` scores one at a time
+DEFAULT_BLOCK_SIZE = 256
+
+
+def score_plan(rows: int, cols: int, block_size: int | None) -> tuple[list[blocks.Block], int]:
+    """The blocks :func:`benchmark_step` scores, and their halo.
+
+    ``block_size`` None (or at least the region's longer side): one block, the whole region, no halo.
+    Otherwise cores of ``block_size`` with a halo of :data:`stfuse.metrics.SSIM_HALO` (what SSIM
+    needs; the baselines are per cell in time and need none)."""
+    if block_size is None or block_size >= max(rows, cols):
+        return blocks.plan(rows, cols, max(rows, cols), 0), 0
+    plan = blocks.plan(rows, cols, block_size, metrics.SSIM_HALO)
+    # a thin last block (core + clipped halo) may be narrower than the SSIM window: widen its read
+    # window inwards to the window's size (more context than the halo leaves the core's SSIM unchanged)
+    win = metrics.ssim_win_size((rows, cols))
+    return [_widen(b, win, rows, cols) for b in plan], metrics.SSIM_HALO
+
+
+def _widen(block: blocks.Block, win: int, rows: int, cols: int) -> blocks.Block:
+    def grow(start, size, total):
+        if size >= win:
+            return start, size
+        stop = max(start + size, min(total, start + win))
+        return max(0, stop - win), stop - max(0, stop - win)
+
+    r0, nr = grow(block.read_row0, block.read_rows, rows)
+    c0, nc = grow(block.read_col0, block.read_cols, cols)
+    return dataclasses.replace(block, read_row0=r0, read_rows=nr, read_col0=c0, read_cols=nc)
+
+
+class _Npy:
+    """A .npy file read window by window, memory-mapped anew for each read: the pages read for one
+    block leave the process's resident memory with it (one long-lived memmap would keep them all)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        m = np.load(self.path, mmap_mode="r")
+        self.shape, self.dtype = m.shape, m.dtype
+        del m
+
+    def __getitem__(self, key) -> np.ndarray:
+        m = np.load(self.path, mmap_mode="r")
+        out = np.array(m[key])
+        del m
+        return out
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+
+def _window(array, block: blocks.Block, *, core: bool = False) -> np.ndarray:
+    """A block's read window (or core) of a (..., H, W) array, memmap or :class:`_Npy`, in memory."""
+    if core:
+        r0, c0, nr, nc = block.row0, block.col0, block.rows, block.cols
+    else:
+        r0, c0, nr, nc = block.read_row0, block.read_col0, block.read_rows, block.read_cols
+    win = array[..., r0:r0 + nr, c0:c0 + nc]
+    return win if isinstance(array, _Npy) else np.array(win)
+
+
+def _core_of(block: blocks.Block) -> tuple[int, int, int, int]:
+    return block.core_row_offset, block.core_col_offset, block.rows, block.cols
+
+
+class _Region:
+    """Region-wide quantities gathered block by block (first pass): what is not per cell."""
+
+    def __init__(self, t: int):
+        self.n_seen = 0
+        self.n_clear = np.zeros(t, np.int64)      # clear & seen, per date
+        self.n_clear_in = np.zeros(t, np.int64)   # clear after hiding & seen
+        self.n_hidden = np.zeros(t, np.int64)
+        self.fill_parts, self.real_fill_parts = [], []
+        self.sar_parts, self.real_sar_parts = [], []
+
+    @staticmethod
+    def fraction(count: np.ndarray, n: int) -> np.ndarray:
+        # as metrics.clear_fraction: integer counts, so the same whatever the blocks
+        return count / n if n else np.zeros(count.shape)
+
+
+def _first_pass(cube, hidden, truth_cube, channels, plan, sar_idx) -> _Region:
+    region = _Region(cube.shape[0])
+    for block in plan:
+        cb, hb = _window(cube, block, core=True), _window(hidden, block, core=True)
+        seen = observed_cells(cb, channels)
+        truth, clear = observed(cb, channels)
+        gappy, clear_in = observed(hide(cb, channels, hb), channels)
+        region.n_seen += int(seen.sum())
+        region.n_clear += (clear & seen).reshape(len(cb), -1).sum(axis=1)
+        region.n_clear_in += (clear_in & seen).reshape(len(cb), -1).sum(axis=1)
+        region.n_hidden += hb.reshape(len(hb), -1).sum(axis=1)
+        region.fill_parts.append(metrics.ssim_fill_parts(truth))
+        if sar_idx:
+            sar = cb[:, sar_idx]
+            region.sar_parts.append(baselines.sar_regression_stats(gappy, sar))
+            if truth_cube is not None:
+                region.real_sar_parts.append(baselines.sar_regression_stats(truth, sar))
+        if truth_cube is not None:
+            region.real_fill_parts.append(metrics.ssim_fill_parts(_window(truth_cube, block, core=True)))
+    return region
+
+
+def _quicklook_index(block: blocks.Block, stride: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Rows and columns of the core (inside the core) kept by the quicklook, and where they go."""
+    rows = np.arange(block.row0, block.row0 + block.rows)
+    cols = np.arange(block.col0, block.col0 + block.cols)
+    rows, cols = rows[rows % stride == 0], cols[cols % stride == 0]
+    return rows - block.row0, cols - block.col0, rows // stride, cols // stride
+
+
 def benchmark_step(cube_dir, hidden_path, heldout_infer_dir, out_dir, *, data_range: float = 1.0,
                    whittaker_lambda: float = baselines.DEFAULT_WHITTAKER_LAMBDA, quicklook_dates: int = 3,
-                   truth_cube: np.ndarray | None = None, main_infer_dir=None) -> pd.DataFrame:
-    """Score every method; write scores.csv, summary.md, plots. Returns the long score table."""
-    from .bridge import load_cube
+                   truth_cube: np.ndarray | None = None, main_infer_dir=None,
+                   block_size: int | None = DEFAULT_BLOCK_SIZE) -> pd.DataFrame:
+    """Score every method; write scores.csv, summary.md, plots. Returns the long score table.
 
+    Bounded memory: the cube, the hidden cells and the filled series are read memory-mapped, block by
+    block, and scored in
+    spatial blocks (:func:`score_plan`: cores of ``block_size`` cells, config key ``blocks.size``, plus
+    the halo SSIM needs; None = the whole region at once). A first pass gathers what is region-wide
+    -- cloud fractions per date, the SSIM fill values, the pooled ``sar_regression`` coefficients
+    (from mergeable sufficient statistics) --; the second runs the methods on each block's read window
+    and keeps the additive parts of the metrics over its core (:func:`stfuse.metrics.partial_scores`),
+    merged at the end (:func:`stfuse.metrics.merge_scores`). The table equals the whole region's up to
+    float summation order (relative ~1e-15); with one block it is bit for bit the whole region's.
+    ``truth_cube`` (T, B, H, W), the synthetic scene's truth, may be a memmap: it is read per block too.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cube, meta = load_cube(cube_dir)
+    cube_dir = Path(cube_dir)
+    meta = json.loads((cube_dir / "cube.json").read_text())
+    cube = _Npy(cube_dir / "cube.npy")
     channels, dates = meta["channels"], meta["dates"]
     bands = [channels[i]["name"] for i in _indices(channels, "optical")]
     sar_idx = _indices(channels, "sar")
     times = pd.to_datetime([d["start_time"] for d in dates]).tz_convert("UTC").tz_localize(None).to_numpy()
-    sar = cube[:, sar_idx] if sar_idx else None
-    hidden = np.load(hidden_path)
+    hidden = _Npy(hidden_path)
+    model = _Npy(Path(heldout_infer_dir) / "filled.npy")
+    real = truth_cube is not None and main_infer_dir is not None
+    main = _Npy(Path(main_infer_dir) / "filled.npy") if real else None
+    if real and isinstance(truth_cube, np.memmap) and str(truth_cube.filename or "").endswith(".npy"):
+        whole = np.load(truth_cube.filename, mmap_mode="r")   # the whole file, not a view into it?
+        if whole.shape == truth_cube.shape and whole.offset == truth_cube.offset:
+            truth_cube = _Npy(truth_cube.filename)
+        del whole
+    t, _, h, w = cube.shape
+    plan, halo = score_plan(h, w, block_size)
+    single = len(plan) == 1
+    win_size = metrics.ssim_win_size((h, w))
+    log.info("scoring %d x %d cells in %d block(s) of %s cells (halo %d)", h, w, len(plan),
+             block_size if not single else "the whole region", halo)
 
-    truth, clear = observed(cube, channels)
-    seen = observed_cells(cube, channels)
-    gappy, clear_in = observed(hide(cube, channels, hidden), channels)
-    model = np.load(Path(heldout_infer_dir) / "filled.npy")
-    methods = run_methods(gappy, times, sar, model, whittaker_lambda)
-    scores = [score_methods(methods, truth, hidden, clear_in, times, bands, data_range, "transplanted clouds",
-                            observed=seen)]
+    region = _first_pass(cube, hidden, truth_cube if real else None, channels, plan, sar_idx)
+    cloud_in = 1.0 - region.fraction(region.n_clear_in, region.n_seen)
+    cloud = 1.0 - region.fraction(region.n_clear, region.n_seen)
+    # one block: the region's own defaults (mean of the finite truth), as metrics.score
+    fill = None if single else metrics.ssim_fill(region.fill_parts)
+    real_fill = None if single or not real else metrics.ssim_fill(region.real_fill_parts)
+    coef = baselines.solve_sar_regression(baselines.merge_sar_stats(region.sar_parts)) if sar_idx else None
+    real_coef = (baselines.solve_sar_regression(baselines.merge_sar_stats(region.real_sar_parts))
+                 if sar_idx and real else None)
 
-    eval_dates = [int(t) for t in np.flatnonzero(hidden.reshape(len(hidden), -1).any(axis=1))]
-    transplanted = scores[0]
+    eval_dates = [int(d) for d in np.flatnonzero(region.n_hidden)]
+    n_hidden = int(region.n_hidden.sum())
     rgb = [bands.index(b) for b in ("B04", "B03", "B02") if b in bands] or [0, 0, 0]
-    pick = sorted(eval_dates, key=lambda t: -hidden[t].sum())[:quicklook_dates]
-    plot_quicklook(truth, gappy, methods, hidden, dates, sorted(pick), rgb, out_dir / "quicklook.png")
+    pick = sorted(sorted(eval_dates, key=lambda d: -region.n_hidden[d])[:quicklook_dates])
+    stride = max(1, -(-max(h, w) // QUICKLOOK_MAX_CELLS))
+    qshape = (len(pick), len(rgb), -(-h // stride), -(-w // stride))
+    quick = {"input (gaps)": np.full(qshape, np.nan, np.float32), "truth": np.full(qshape, np.nan, np.float32)}
+    quick_hidden = np.zeros((len(pick),) + qshape[2:], bool)
 
-    if truth_cube is not None and main_infer_dir is not None:
-        # Real clouds on the synthetic scene: every cloudy cell has a known truth.
-        obs, clear = observed(cube, channels)
-        real_hidden = ~clear & np.isfinite(truth_cube).all(axis=1)
-        main = np.load(Path(main_infer_dir) / "filled.npy")
-        real_methods = run_methods(obs, times, sar, main, whittaker_lambda)
-        scores.append(score_methods(real_methods, truth_cube, real_hidden, clear, times, bands, data_range,
-                                    "real clouds (synthetic truth)", observed=seen))
-    table = pd.concat(scores, ignore_index=True)
+    parts: dict[tuple[str, str], list[pd.DataFrame]] = {}
+
+    def keep(protocol, name, part):
+        got = parts.setdefault((protocol, name), [])
+        # zero sums add nothing to merge_scores' exact sums: only the first part needs every row
+        got.append(part if not got else part[part.value != 0])
+
+    for block in plan:
+        cb, hb = _window(cube, block), _window(hidden, block)
+        core = _core_of(block)
+        sar = cb[:, sar_idx] if sar_idx else None
+        truth, clear = observed(cb, channels)
+        gappy, clear_in = observed(hide(cb, channels, hb), channels)
+        methods = run_methods(gappy, times, sar, _window(model, block), whittaker_lambda, sar_coef=coef)
+        gap_days = metrics.days_to_nearest_valid(clear_in, times)
+        for name, filled in methods.items():
+            keep("transplanted clouds", name, metrics.partial_scores(
+                truth, filled, hb, bands, data_range=data_range, gap_days=gap_days, cloud_fraction=cloud_in,
+                core=core, win_size=win_size, ssim_fill=fill))
+        if pick:
+            qr, qc, dr, dc = _quicklook_index(block, stride)
+            r0, c0 = block.core_row_offset, block.core_col_offset
+            sel = np.ix_(range(len(pick)), range(len(rgb)), dr, dc)
+            src = np.ix_(pick, rgb, r0 + qr, c0 + qc)
+            quick["input (gaps)"][sel] = gappy[src]
+            quick["truth"][sel] = truth[src]
+            for name, filled in methods.items():
+                quick.setdefault(name, np.full(qshape, np.nan, np.float32))[sel] = filled[src]
+            quick_hidden[np.ix_(range(len(pick)), dr, dc)] = hb[np.ix_(pick, r0 + qr, c0 + qc)]
+        del methods, gappy
+        if real:
+            # real clouds on the synthetic scene: every cloudy cell has a known truth
+            tb = _window(truth_cube, block).astype(np.float32, copy=False)
+            real_hidden = ~clear & np.isfinite(tb).all(axis=1)
+            real_methods = run_methods(truth, times, sar, _window(main, block), whittaker_lambda,
+                                       sar_coef=real_coef)
+            gap_days = metrics.days_to_nearest_valid(clear, times)
+            for name, filled in real_methods.items():
+                keep("real clouds (synthetic truth)", name, metrics.partial_scores(
+                    tb, filled, real_hidden, bands, data_range=data_range, gap_days=gap_days,
+                    cloud_fraction=cloud, core=core, win_size=win_size, ssim_fill=real_fill))
+            del real_methods
+
+    table = pd.concat([metrics.merge_scores(p).assign(method=name, protocol=protocol)
+                       for (protocol, name), p in parts.items()], ignore_index=True)
+    transplanted = table[table.protocol == "transplanted clouds"]
+    truth_q, gappy_q = quick.pop("truth"), quick.pop("input (gaps)")
+    plot_quicklook(truth_q, gappy_q, quick, quick_hidden, [dates[d] for d in pick], list(range(len(pick))),
+                   list(range(len(rgb))), out_dir / "quicklook.png")
     table.to_csv(out_dir / "scores.csv", index=False, float_format="%.6g")
     summary = summary_table(table)
     md = (f"Scored on {len(eval_dates)} evaluation date(s) ({', '.join(dates[t]['start_time'][:10] for t in eval_dates)})"
-          f": {int(hidden.sum())} clear cells hidden under cloud masks transplanted from other dates.\n\n"
+          f": {n_hidden} clear cells hidden under cloud masks transplanted from other dates.\n\n"
           + to_markdown(summary))
     (out_dir / "summary.md").write_text(md)
     plot_by_gap(transplanted, out_dir / "by_gap.png", "transplanted clouds")
-    info = dict(possible=True, eval_dates=[dates[t]["start_time"] for t in eval_dates], hidden_cells=int(hidden.sum()),
+    info = dict(possible=True, eval_dates=[dates[t]["start_time"] for t in eval_dates], hidden_cells=n_hidden,
                 data_range=data_range, whittaker_lambda=whittaker_lambda)
     (out_dir / "benchmark.json").write_text(json.dumps(info, indent=1) + "\n")
-    log.info("benchmark on %d dates, %d hidden cells:\n%s", len(eval_dates), int(hidden.sum()), md)
+    log.info("benchmark on %d dates, %d hidden cells:\n%s", len(eval_dates), n_hidden, md)
     return table
 
 
@@ -329,8 +520,12 @@ def not_possible_step(out_dir, holdout_info: dict) -> str:
     return md
 
 
-def synthetic_truth(truth_manifest, dates: list[dict], bands: list[str], scale: float, offset: float) -> np.ndarray:
-    """(T, B, H, W) cloud-free truth of the demo scene, in the same units as the cube."""
+def synthetic_truth(truth_manifest, dates: list[dict], bands: list[str], scale: float, offset: float,
+                    path=None) -> np.ndarray:
+    """(T, B, H, W) cloud-free truth of the demo scene, in the same units as the cube.
+
+    ``path``: write it to this .npy file instead of memory, read one band of one date at a time, and
+    return it memory-mapped (read-only), for :func:`benchmark_step` to read block by block."""
     import rasterio
 
     m = pd.read_csv(truth_manifest)
@@ -345,7 +540,15 @@ def synthetic_truth(truth_manifest, dates: list[dict], bands: list[str], scale: 
                 arr = src.read(1).astype(np.float32)
                 nodata = src.nodata
             if out is None:
-                out = np.full((len(dates), len(bands)) + arr.shape, np.nan, np.float32)
+                shape = (len(dates), len(bands)) + arr.shape
+                if path is None:
+                    out = np.full(shape, np.nan, np.float32)
+                else:
+                    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
             valid = arr != nodata if nodata is not None else np.ones(arr.shape, bool)
             out[t, b] = np.where(valid, arr * scale + offset, np.nan)
+    if path is not None and out is not None:
+        out.flush()
+        del out
+        return np.load(path, mmap_mode="r")
     return out

@@ -10,6 +10,7 @@ import contextlib
 import json
 import tempfile
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -237,21 +238,41 @@ def groups_step(project_state: dict, optical_state: dict, sar_state: dict, pairi
 # --- cube and tiles ------------------------------------------------------------------------------------
 
 
-def read_cube(groups_state: dict) -> np.ndarray:
-    """(T, C, H, W) float32 of every group in the current region; absent channels (no SAR) are NaN."""
+#: dates read from GRASS per chunk by `read_cube` (peak memory: one chunk of maps, not the cube twice)
+CUBE_CHUNK_DATES = 8
+
+
+def read_cube(groups_state: dict, out: np.ndarray | None = None, *,
+              chunk_dates: int = CUBE_CHUNK_DATES) -> np.ndarray:
+    """(T, C, H, W) float32 of every group in the current region; absent channels (no SAR) are NaN.
+
+    Reads `chunk_dates` groups at a time with `grassio.read_maps` and places them, so memory peaks at
+    one chunk of maps on top of the result. `out` (e.g. a `numpy.lib.format.open_memmap`) receives the
+    cube instead of a new array; it must have the cube's shape and dtype float32.
+    """
     groups = groups_state["groups"]
     n_chan = len(groups_state["channels"])
-    present = [[m for m in g["maps"] if m] for g in groups]
     h, w = grassio.region_shape()
-    cube = np.full((len(groups), n_chan, h, w), np.nan, dtype=np.float32)
-    flat = grassio.read_maps([m for maps in present for m in maps])
-    i = 0
-    for t, g in enumerate(groups):
-        for c, m in enumerate(g["maps"]):
-            if m:
-                cube[t, c] = flat[i]
-                i += 1
-    return cube
+    shape = (len(groups), n_chan, h, w)
+    if out is None:
+        out = np.empty(shape, dtype=np.float32)
+    elif tuple(out.shape) != shape or out.dtype != np.float32:
+        raise ValueError(f"out must be float32 {shape}, got {out.dtype} {tuple(out.shape)}")
+    chunk_dates = max(1, int(chunk_dates))
+    for lo in range(0, len(groups), chunk_dates):
+        part = groups[lo:lo + chunk_dates]
+        names = [m for g in part for m in g["maps"] if m]
+        flat = grassio.read_maps(names) if names else None
+        i = 0
+        for t, g in enumerate(part, start=lo):
+            for c, m in enumerate(g["maps"]):
+                if m:
+                    out[t, c] = flat[i]
+                    i += 1
+                else:
+                    out[t, c] = np.nan
+        del flat
+    return out
 
 
 def cube_dates(groups_state: dict) -> list[dict]:
@@ -259,56 +280,91 @@ def cube_dates(groups_state: dict) -> list[dict]:
     return [{k: g[k] for k in keys} for g in groups_state["groups"]]
 
 
-def read_cube_step(project_state: dict, groups_state: dict, stage: str) -> np.ndarray:
+def read_cube_step(project_state: dict, groups_state: dict, stage: str, out: np.ndarray | None = None,
+                   ) -> np.ndarray:
     reads = [_mapset(m) for g in groups_state["groups"] for m in g["maps"] if m]
     with stage_session(project_state, stage, reads):
-        return read_cube(groups_state)
+        return read_cube(groups_state, out)
 
 
 def cube_step(project_state: dict, groups_json, out_dir) -> dict:
     """Read every imagery group once into `cube.npy` (T, C, H, W) + `cube.json` (channels, dates, region).
 
     Later stages (tiles, inference, benchmark) read this array and never GRASS: np.load from the page
-    cache is ~10x faster than decoding GRASS rasters.
+    cache is ~10x faster than decoding GRASS rasters. `cube.npy` is written through
+    `numpy.lib.format.open_memmap` (the same bytes as `np.save` of the array) and filled a chunk of
+    dates at a time, under a temporary name renamed at the end.
     """
     t0 = time.perf_counter()
     groups_state = json.loads(Path(groups_json).read_text())
-    cube = read_cube_step(project_state, groups_state, "cube")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    np.save(out_dir / "cube.npy", cube)
+    partial = out_dir / ".cube.npy.partial"
+    reads = [_mapset(m) for g in groups_state["groups"] for m in g["maps"] if m]
+    try:
+        with stage_session(project_state, "cube", reads):
+            shape = (len(groups_state["groups"]), len(groups_state["channels"])) + tuple(grassio.region_shape())
+            mm = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=shape)
+            read_cube(groups_state, mm)
+        mm.flush()
+        nbytes = mm.nbytes
+        del mm
+        os.replace(partial, out_dir / "cube.npy")
+    finally:
+        if partial.exists():
+            partial.unlink()
     meta = dict(channels=groups_state["channels"], dates=cube_dates(groups_state), region=project_state["region"],
-                shape=list(cube.shape))
+                shape=list(shape))
     (out_dir / "cube.json").write_text(json.dumps(meta, indent=1) + "\n")
-    log.info("read %s cube (%.1f MB) from GRASS in %.1f s", cube.shape, cube.nbytes / 1e6, time.perf_counter() - t0)
+    log.info("read %s cube (%.1f MB) from GRASS in %.1f s", shape, nbytes / 1e6, time.perf_counter() - t0)
     return meta
 
 
-def load_cube(cube_dir, hidden=None) -> tuple[np.ndarray, dict]:
-    """The cube and its metadata; with `hidden` (T, H, W) bool, those cells become gaps (valid 0, bands NaN)."""
+def load_cube(cube_dir, hidden=None, *, mmap_mode=None) -> tuple[np.ndarray, dict]:
+    """The cube and its metadata; with `hidden` (T, H, W) bool, those cells become gaps (valid 0, bands NaN).
+
+    `mmap_mode` is passed to `np.load`: None reads the cube into memory (hidden cells are then set in that
+    array, no second copy); "r" maps it read-only (only without `hidden`); "c" maps it copy-on-write, so
+    hiding copies only the memory pages it changes (optical and valid channels at dates with hidden cells)
+    and the rest stays in the page cache.
+    """
     cube_dir = Path(cube_dir)
-    cube = np.load(cube_dir / "cube.npy")
+    if hidden is not None and mmap_mode in ("r", "r+"):
+        raise ValueError(f"load_cube: mmap_mode={mmap_mode!r} with hidden cells would change cube.npy or fail; "
+                         "use mmap_mode='c' (copy-on-write) or None")
+    cube = np.load(cube_dir / "cube.npy", mmap_mode=mmap_mode)
     meta = json.loads((cube_dir / "cube.json").read_text())
     if hidden is not None:
-        cube = hide(cube, meta["channels"], hidden)
+        cube = hide(cube, meta["channels"], hidden, inplace=True)
     return cube, meta
 
 
-def hide(cube: np.ndarray, channels: list[dict], hidden: np.ndarray) -> np.ndarray:
-    """A copy of the cube in which `hidden` cells are gaps: optical bands NaN and valid 0."""
-    out = cube.copy()
+def hide(cube: np.ndarray, channels: list[dict], hidden: np.ndarray, *, inplace: bool = False) -> np.ndarray:
+    """The cube with `hidden` (T, H, W) cells as gaps: optical bands NaN and valid 0 (where valid is not NaN).
+
+    A copy by default; `inplace=True` changes `cube` itself (and returns it), touching only the optical and
+    valid channels of the dates with hidden cells (with a copy-on-write memmap, only those pages are copied).
+    """
+    hidden = np.asarray(hidden, dtype=bool)
+    if hidden.shape != (cube.shape[0],) + tuple(cube.shape[2:]):
+        raise ValueError(f"hidden must have shape {(cube.shape[0],) + tuple(cube.shape[2:])}, got {hidden.shape}")
+    out = cube if inplace else cube.copy()
     opt = [i for i, c in enumerate(channels) if c["kind"] == "optical"]
     valid = next(i for i, c in enumerate(channels) if c["kind"] == "valid")
     for t in range(cube.shape[0]):
+        mask = hidden[t]
+        if not mask.any():
+            continue
+        valid_gap = mask & ~np.isnan(out[t, valid])
         for i in opt:
-            out[t, i][hidden[t]] = np.nan
-        out[t, valid][hidden[t] & ~np.isnan(cube[t, valid])] = 0.0
+            out[t, i][mask] = np.nan
+        out[t, valid][valid_gap] = 0.0
     return out
 
 
 def tiles_step(cube_dir, out_dir, *, hidden=None, **tile_params) -> dict:
     """Export training tiles from the cube (with the benchmark's hidden cells removed when given)."""
-    cube, meta = load_cube(cube_dir, hidden)
+    cube, meta = load_cube(cube_dir, hidden, mmap_mode="c")
     summary = tiles.export_tiles(cube, meta["channels"], meta["dates"], out_dir, region=meta["region"],
                                  **tile_params)
     log.info("tiles: %s", {k: v for k, v in summary.items() if k.startswith("n_")})

@@ -7,8 +7,10 @@
 
 * Temporal prior: when the model was trained with the prior channels (checkpoint input channels
   ``<band>@prior``), they are computed on the *whole* cube passed in and appended to it with
-  :func:`stfuse.prior.append_prior`, the function :func:`stfuse.tiles.export_tiles` uses, before
-  any windowing; the caller passes the cube without them. Checkpoints trained without the prior
+  :func:`stfuse.prior.append_prior`, the function :func:`stfuse.tiles.export_tiles` uses, one
+  strip of window rows at a time (a pixel's prior depends only on its own time series, so this is
+  bit for bit the whole cube's prior, without a copy of the whole cube); the caller passes the
+  cube without them. Checkpoints trained without the prior
   get the cube as it is.
 * The region is covered with overlapping square windows (:func:`stfuse.tiles.tile_origins`;
   default: the checkpoint's tile size and an overlap of a quarter of it). For each window and
@@ -50,7 +52,7 @@ import torch
 
 from stfuse.dataset import InputAssembler
 from stfuse.models import size_multiple
-from stfuse.prior import PRIOR_KIND, append_prior
+from stfuse.prior import PRIOR_KIND, append_prior, prior_layout
 from stfuse.tiles import _check_channels, tile_origins
 from stfuse.train import (
     check_channels,
@@ -93,7 +95,7 @@ def _assembler(ckpt: dict, channels, dates) -> InputAssembler:
 
 
 def predict_cube(checkpoint, cube, channels, dates, *, tile_size=None, overlap=None,
-                 batch_size=8, device="auto", threads=None) -> dict:
+                 batch_size=8, device="auto", threads=None, out=None) -> dict:
     """Predict and fill the optical bands of ``cube`` (T, C, H, W) at every date.
 
     Parameters
@@ -127,10 +129,28 @@ def predict_cube(checkpoint, cube, channels, dates, *, tile_size=None, overlap=N
     """
     with torch_threads(threads):
         return _predict(checkpoint, cube, channels, dates, tile_size=tile_size, overlap=overlap,
-                        batch_size=batch_size, device=device)
+                        batch_size=batch_size, device=device, out=out)
 
 
-def _predict(checkpoint, cube, channels, dates, *, tile_size, overlap, batch_size, device):
+def _outputs(out, n_dates, n_bands, height, width) -> dict:
+    """The caller's output arrays, checked against the result shapes."""
+    if out is None:
+        return {}
+    want = {"prediction": ((n_dates, n_bands, height, width), np.float32),
+            "filled": ((n_dates, n_bands, height, width), np.float32),
+            "filled_flag": ((n_dates, height, width), np.uint8)}
+    unknown = set(out) - set(want)
+    if unknown:
+        raise ValueError(f"out: unknown keys {sorted(unknown)}; use {sorted(want)}")
+    for key, arr in out.items():
+        shape, dtype = want[key]
+        if tuple(arr.shape) != shape or arr.dtype != dtype:
+            raise ValueError(f"out[{key!r}] must be {np.dtype(dtype).name} {shape}, got "
+                             f"{arr.dtype} {tuple(arr.shape)}")
+    return dict(out)
+
+
+def _predict(checkpoint, cube, channels, dates, *, tile_size, overlap, batch_size, device, out=None):
     t_start = time.perf_counter()
     ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
     if not isinstance(cube, np.ndarray) or cube.ndim != 4:
@@ -143,10 +163,11 @@ def _predict(checkpoint, cube, channels, dates, *, tile_size, overlap, batch_siz
     if any(ch["kind"] == PRIOR_KIND for ch in channels):
         raise ValueError("pass the cube without prior channels: predict_cube computes them "
                          "from the whole cube, as export_tiles does")
-    work = cube
-    if any(ch.get("kind") == PRIOR_KIND for ch in ckpt["channels"]):
-        work, channels = append_prior(cube, channels, dates)  # same code as export_tiles
-        n_channels = work.shape[1]
+    base_channels = channels
+    use_prior = any(ch.get("kind") == PRIOR_KIND for ch in ckpt["channels"])
+    if use_prior:  # the channels append_prior adds (same code as export_tiles)
+        channels = [dict(ch) for ch in channels] + prior_layout(channels)
+    n_work = len(channels)
     assembler = _assembler(ckpt, channels, dates)
     batch_size = _int_arg(batch_size, "batch_size", 1)
 
@@ -164,30 +185,46 @@ def _predict(checkpoint, cube, channels, dates, *, tile_size, overlap, batch_siz
 
     # regions smaller than one window: pad with no data (NaN), crop at the end
     pad_h, pad_w = max(size, height), max(size, width)
-    if (pad_h, pad_w) != (height, width):
-        padded = np.full((n_dates, n_channels, pad_h, pad_w), np.nan, dtype=np.float32)
-        padded[:, :, :height, :width] = work
-        work = padded
+    padded = (pad_h, pad_w) != (height, width)
+    n_bands = len(assembler.target_channels)
+    outputs = _outputs(out, n_dates, n_bands, height, width)
     origins = tile_origins(pad_h, pad_w, size, overlap)
     window = blend_window(size)
-    n_bands = len(assembler.target_channels)
     acc = np.zeros((n_dates, n_bands, pad_h, pad_w), dtype=np.float32)
     weight = np.zeros((pad_h, pad_w), dtype=np.float32)
     for r, c in origins:
         weight[r:r + size, c:c + size] += window
 
+    def strip_at(r):
+        """Rows r..r+size of the working cube (the cube, its prior channels, NaN padding).
+
+        The prior of a pixel depends only on its own time series, so the prior of a strip is
+        that strip of the whole cube's prior, bit for bit: no whole-cube copy is made."""
+        if not (use_prior or padded):
+            return cube[:, :, r:r + size, :]
+        part = np.ascontiguousarray(cube[:, :, r:min(r + size, height), :])
+        if use_prior:
+            part = append_prior(part, base_channels, dates)[0]
+        if padded:
+            full = np.full((n_dates, n_work, size, pad_w), np.nan, dtype=np.float32)
+            full[:, :, :part.shape[2], :width] = part
+            part = full
+        return part
+
     items = [(r, c, t) for r, c in origins for t in range(n_dates)]  # window by window
     n_inputs = assembler.n_input_channels
     buf = np.empty((batch_size, n_inputs, size, size), dtype=np.float32)
     cache, cache_key = {}, None  # per-date pieces of the current window, reused across t
+    strip, strip_row = None, None  # rows of the current windows (origins are row-major)
     with torch.inference_mode():
         for lo in range(0, len(items), batch_size):
             part = items[lo:lo + batch_size]
             for j, (r, c, t) in enumerate(part):
                 if (r, c) != cache_key:
                     cache, cache_key = {}, (r, c)
-                buf[j] = assembler.build(work[:, :, r:r + size, c:c + size], t,
-                                         cache=cache)[0]
+                if r != strip_row:
+                    strip, strip_row = strip_at(r), r
+                buf[j] = assembler.build(strip[:, :, :, c:c + size], t, cache=cache)[0]
             # blocking copy: ``buf`` is refilled for the next batch right away
             x = torch.from_numpy(buf[:len(part)]).to(dev, memory_format=torch.channels_last)
             with torch.autocast(device_type=dev.type, dtype=torch.float16, enabled=amp):
@@ -195,20 +232,31 @@ def _predict(checkpoint, cube, channels, dates, *, tile_size, overlap, batch_siz
             pred = pred.float().cpu().numpy()
             for j, (r, c, t) in enumerate(part):
                 acc[t, :, r:r + size, c:c + size] += pred[j] * window
+    del strip, cache
 
     mean, std = assembler.target_mean_std()
-    prediction = acc[:, :, :height, :width]
-    prediction /= weight[None, None, :height, :width]
-    prediction *= std[None, :, None, None]
-    prediction += mean[None, :, None, None]
-    prediction = np.ascontiguousarray(prediction)
-    filled = np.empty_like(prediction)
-    flag = np.empty((n_dates, height, width), dtype=np.uint8)
+    prediction = outputs.get("prediction")
+    if prediction is None:  # the accumulator itself when it has the region's shape
+        prediction = np.empty((n_dates, n_bands, height, width), np.float32) if padded else acc
+    filled = outputs.get("filled")
+    if filled is None:
+        filled = np.empty((n_dates, n_bands, height, width), dtype=np.float32)
+    flag = outputs.get("filled_flag")
+    if flag is None:
+        flag = np.empty((n_dates, height, width), dtype=np.uint8)
     optical = assembler.optical_indices
-    for t in range(n_dates):
+    w_region = weight[None, :height, :width]
+    for t in range(n_dates):  # one date at a time: no whole-cube temporaries
+        pred_t = acc[t, :, :height, :width]
+        pred_t /= w_region
+        pred_t *= std[:, None, None]
+        pred_t += mean[:, None, None]
+        if prediction is not acc:
+            prediction[t] = pred_t
         clear = assembler.clear(cube[t])
-        filled[t] = np.where(clear[None], cube[t, optical], prediction[t])
+        filled[t] = np.where(clear[None], cube[t, optical], pred_t)
         flag[t] = ~clear
+    del acc
     seconds = time.perf_counter() - t_start
     logger.info("predict_cube: %d dates x %d x %d px, %d windows of %d px (overlap %d), "
                 "%.1f%% of pixels filled, %.1f s (%.2f Mpx/s) on %s", n_dates, height, width,

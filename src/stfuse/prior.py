@@ -64,7 +64,7 @@ def _bracketing_dates(clear: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return prev, nxt
 
 
-def temporal_prior(cube, channels, dates) -> tuple[np.ndarray, np.ndarray]:
+def temporal_prior(cube, channels, dates, *, out=None) -> tuple[np.ndarray, np.ndarray]:
     """Leave-one-out linear interpolation in time of the optical bands of ``cube`` (T, C, H, W).
 
     ``channels`` and ``dates`` as for :func:`stfuse.tiles.export_tiles` (one dict per channel
@@ -76,6 +76,14 @@ def temporal_prior(cube, channels, dates) -> tuple[np.ndarray, np.ndarray]:
     exists before or after t. Interpolation weights come from the time offsets in days
     (float64), the interpolation itself is float32; two clear neighbours at the same instant
     are averaged.
+
+    ``out``, optional: a float32 (T, B, H, W) array (or view) that receives ``prior`` instead of a
+    new array (:func:`prior_channels` passes its output, so the prior is not made twice).
+
+    Every pixel's prior depends only on that pixel's time series (and the dates), so the prior
+    of a spatial window of the cube equals the same window of the whole cube's prior, bit for
+    bit: :func:`stfuse.tiles.export_tiles` and :func:`stfuse.infer.predict_cube` compute it one
+    strip of rows at a time.
     """
     cube = np.asarray(cube)
     if cube.ndim != 4:
@@ -99,7 +107,13 @@ def temporal_prior(cube, channels, dates) -> tuple[np.ndarray, np.ndarray]:
     del clear
 
     n_bands = len(opt)
-    prior = np.empty((n_dates, n_bands, height, width), dtype=np.float32)
+    if out is None:
+        prior = np.empty((n_dates, n_bands, height, width), dtype=np.float32)
+    else:
+        if out.shape != (n_dates, n_bands, height, width) or out.dtype != np.float32:
+            raise ValueError(f"out must be float32 {(n_dates, n_bands, height, width)}, got "
+                             f"{out.dtype} {out.shape}")
+        prior = out
     present = np.zeros((n_dates, height, width), dtype=bool)
     n_pix = height * width
     flat = cube.reshape(-1) if cube.flags.c_contiguous else None
@@ -159,10 +173,12 @@ def prior_channels(cube, channels, dates) -> tuple[np.ndarray, list[dict]]:
         raise ValueError("the cube already holds prior channels "
                          f"{[ch['name'] for ch in channels if ch.get('kind') == PRIOR_KIND]}; "
                          "pass the cube without them (they are computed from the optical bands)")
-    prior, present = temporal_prior(cube, channels, dates)
-    n_dates, n_bands = prior.shape[:2]
-    extra = np.empty((n_dates, n_bands + 1) + prior.shape[2:], dtype=np.float32)
-    extra[:, :n_bands] = prior
+    shape = np.shape(cube)
+    n_bands = sum(ch["kind"] == "optical" for ch in channels)
+    if len(shape) != 4:
+        raise ValueError(f"cube must have 4 dimensions (T, C, H, W), got shape {shape}")
+    extra = np.empty((shape[0], n_bands + 1) + tuple(shape[2:]), dtype=np.float32)
+    _, present = temporal_prior(cube, channels, dates, out=extra[:, :n_bands])
     extra[:, n_bands] = present
     return extra, prior_layout(channels)
 

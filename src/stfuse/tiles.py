@@ -475,11 +475,11 @@ def export_tiles(cube, channels, dates, out_dir, *, size, overlap, min_valid_fra
                        "min_valid_fraction=%s)", val_fraction, block_size, min_valid_fraction)
 
     if prior:
-        from stfuse.prior import prior_channels  # stfuse.prior imports this module
+        from stfuse.prior import prior_channels, prior_layout  # stfuse.prior imports this module
 
-        extra, extra_channels = prior_channels(cube, channels, dates)
+        extra_channels = prior_layout(channels)
     else:
-        extra, extra_channels = np.empty((n_dates, 0, height, width), np.float32), []
+        extra_channels = []
     n_total = n_channels + len(extra_channels)
 
     out = Path(out_dir)
@@ -489,13 +489,29 @@ def export_tiles(cube, channels, dates, out_dir, *, size, overlap, min_valid_fra
     tmp = {name: out / f".{name}.partial" for name in
            (TILES_FILE, INDEX_FILE, CLEAR_FILE, CHANNELS_FILE, STATS_FILE)}
     try:
+        # header (and file size) as open_memmap writes them, then the tiles one by one with plain
+        # writes: memory holds one strip of rows (and its prior), not the cube's prior or the
+        # written tiles. The prior of a pixel depends only on its own time series, so a strip's
+        # prior is that strip of the whole cube's prior, bit for bit (stfuse.prior.temporal_prior).
         mm = np.lib.format.open_memmap(tmp[TILES_FILE], mode="w+", dtype=np.float32,
                                        shape=(len(kept), n_dates, n_total, size, size))
-        for i, (r, c) in enumerate(kept_origins):
-            mm[i, :, :n_channels] = cube[:, :, r:r + size, c:c + size]
-            mm[i, :, n_channels:] = extra[:, :, r:r + size, c:c + size]
-        mm.flush()
+        offset = mm.offset
         del mm
+        buf = np.empty((n_dates, n_total, size, size), dtype=np.float32)
+        strip_row, strip, extra = None, None, None
+        with open(tmp[TILES_FILE], "r+b") as fh:
+            fh.seek(offset)
+            for r, c in kept_origins:
+                if r != strip_row:
+                    strip_row = r
+                    strip = np.ascontiguousarray(cube[:, :, r:r + size, :])
+                    if prior:
+                        extra = prior_channels(strip, channels, dates)[0]
+                buf[:, :n_channels] = strip[:, :, :, c:c + size]
+                if prior:
+                    buf[:, n_channels:] = extra[:, :, :, c:c + size]
+                fh.write(memoryview(buf).cast("B"))
+            del strip, extra
 
         index = pd.DataFrame({
             "tile": np.arange(len(kept), dtype=np.int64),

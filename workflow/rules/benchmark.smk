@@ -47,6 +47,7 @@ rule score:
     params:
         benchmark=section("benchmark"),
         optical=section("sensors", OPTICAL[0]),
+        blocks=section("blocks"),
     threads: 1
     resources:
         mem_mb=8000,
