@@ -23,7 +23,7 @@ import numbers
 import os
 from pathlib import Path
 
-__all__ = ["check", "check_date_count", "check_tiles", "region_size", "registered_models",
+__all__ = ["check", "check_date_count", "check_tiles", "region_size", "explicit_region_size", "registered_models",
            "model_size_multiple", "FLOAT32_MAX"]
 
 FLOAT32_MAX = 3.4028234663852886e38
@@ -91,18 +91,23 @@ def check_tiles(size: int, overlap: int, width: int | None = None, height: int |
         )
 
 
+def explicit_region_size(region: dict) -> tuple[int, int]:
+    """(width, height) in cells of config key region with from: explicit (bounds and resolution)."""
+    for key in ("bounds", "resolution"):
+        if key not in region:
+            raise ValueError(f"config key region.{key} is required when region.from is explicit")
+    b, res = region["bounds"], float(region["resolution"])
+    if b["east"] <= b["west"] or b["north"] <= b["south"]:
+        raise ValueError("config key region.bounds is empty (east <= west or north <= south)")
+    return int(round((b["east"] - b["west"]) / res)), int(round((b["north"] - b["south"]) / res))
+
+
 def region_size(config: dict) -> tuple[int, int, str] | None:
     """(width, height, description) of the study region when the config alone fixes it, else None."""
     region = config.get("region") or {}
     if region.get("from", "data") == "explicit":
-        for key in ("bounds", "resolution"):
-            if key not in region:
-                raise ValueError(f"config key region.{key} is required when region.from is explicit")
-        b, res = region["bounds"], float(region["resolution"])
-        if b["east"] <= b["west"] or b["north"] <= b["south"]:
-            raise ValueError("config key region.bounds is empty (east <= west or north <= south)")
-        width, height = round((b["east"] - b["west"]) / res), round((b["north"] - b["south"]) / res)
-        return int(width), int(height), "the explicit region (config key region)"
+        width, height = explicit_region_size(region)
+        return width, height, "the explicit region (config key region)"
     inputs = config.get("input") or {}
     if "synthetic" in inputs:
         spec = inputs["synthetic"] or {}

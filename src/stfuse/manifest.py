@@ -250,13 +250,13 @@ def region_from_config(df: pd.DataFrame, sensors: dict, region: dict) -> Grid:
             f"config key region.epsg is {want_epsg} but the files are in EPSG:{file_epsg}; reproject or fix the key"
         )
     if region.get("from", "data") == "explicit":
-        for key in ("bounds", "resolution"):
-            if key not in region:
-                raise ManifestError(f"config key region.{key} is required when region.from is explicit")
+        from .config import explicit_region_size
+
+        try:
+            width, height = explicit_region_size(region)
+        except ValueError as err:
+            raise ManifestError(str(err)) from None
         b, res = region["bounds"], float(region["resolution"])
-        if b["east"] <= b["west"] or b["north"] <= b["south"]:
-            raise ManifestError("config key region.bounds is empty (east <= west or north <= south)")
-        width, height = round((b["east"] - b["west"]) / res), round((b["north"] - b["south"]) / res)
         grid = Grid(file_epsg or want_epsg, crs_wkt, b["west"], b["north"], res, res, width, height)
     else:
         optical = [n for n, s in sensors.items() if s["role"] == "optical"]
