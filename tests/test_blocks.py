@@ -162,6 +162,7 @@ def test_schema_default_is_default_size():
     assert sec["properties"]["size"]["default"] == default_size(100, 10, 2e9, halo=16) == 448
     assert sec["properties"]["halo"]["minimum"] == 0 and sec["properties"]["size"]["minimum"] == 16
     assert sec["properties"]["size"]["default"] > halo
-    assert "not used by the workflow yet" in sec["description"].lower()
+    # honest about what uses it: the score stage, and no other stage yet
+    assert "score stage" in sec["description"] and "do not use blocks yet" in sec["description"]
     # the module's docstring states the same default
     assert "448" in blocks.__doc__
