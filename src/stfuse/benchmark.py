@@ -111,7 +111,7 @@ def holdout_step(cube_dir, hidden_path, info_path, *, min_clear: float, seed: in
     """
     from .bridge import load_cube
 
-    cube, meta = load_cube(cube_dir)
+    cube, meta = load_cube(cube_dir, mmap_mode="r")  # only read: the page cache, not a copy
     try:
         hidden, eval_dates = choose_holdout(cube, meta, min_clear=min_clear, seed=seed, min_fraction=min_mask_fraction,
                                             max_fraction=max_mask_fraction, max_dates=max_dates)
@@ -335,7 +335,7 @@ def _first_pass(cube, hidden, truth_cube, channels, plan, sar_idx) -> _Region:
         cb, hb = _window(cube, block, core=True), _window(hidden, block, core=True)
         seen = observed_cells(cb, channels)
         truth, clear = observed(cb, channels)
-        gappy, clear_in = observed(hide(cb, channels, hb), channels)
+        gappy, clear_in = observed(hide(cb, channels, hb, inplace=True), channels)  # cb: this pass's own copy
         region.n_seen += int(seen.sum())
         region.n_clear += (clear & seen).reshape(len(cb), -1).sum(axis=1)
         region.n_clear_in += (clear_in & seen).reshape(len(cb), -1).sum(axis=1)

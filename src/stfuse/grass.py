@@ -268,6 +268,8 @@ def map_exists(gs, name: str, element: str = "raster") -> bool:
     return bool(gs.find_file(name, element=element)["file"])
 
 
+#: marker file of a GRASS project stfuse made (manifest and synthetic input)
+PROJECT_MARKER = ".stfuse_project"
 OWN_MAPSET_MARKER = ".stfuse_mapset"
 
 # Element folders of a mapset (what g.list lists) and the kind of map each holds, in messages.
@@ -453,7 +455,7 @@ def rebuild_project(project: str | os.PathLike, *, epsg: int | None = None, geor
     permanent = project / "PERMANENT"
     own, other, staging = [], [], []
     for entry in sorted(project.iterdir()):
-        if entry.name in ("PERMANENT", ".stfuse_project"):
+        if entry.name in ("PERMANENT", PROJECT_MARKER):
             continue
         if entry.is_dir() and entry.name.endswith(".stfuse-new"):
             staging.append(entry)  # a mapset create_mapset was building when a job was killed

@@ -243,7 +243,7 @@ def write_state(state: dict, path: str | Path) -> None:
 
 # --- Steps of the workflow (one function per rule; rule scripts only pass paths and config) ---
 
-PROJECT_MARKER = ".stfuse_project"
+from .grass import PROJECT_MARKER  # noqa: E402  (re-exported: ingest.PROJECT_MARKER)
 
 
 def prepare_project(manifest_path, sensors: dict, region: dict, project_dir, checked_csv, tile_size=None, *,
