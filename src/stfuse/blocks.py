@@ -24,6 +24,7 @@ up to 6) that fits -- 448 cells for 100 dates x 10 channels, 2 GB and a 16-cell 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
@@ -32,6 +33,9 @@ import numpy as np
 
 #: Block edges are multiples of this (a tile-size multiple for U-Nets up to depth 6).
 SIZE_MULTIPLE = 64
+
+#: config key blocks.size when not given: default_size(100 dates, 10 channels, 2 GB, halo 32 = tiles.size)
+DEFAULT_SIZE = 384
 
 
 @dataclass(frozen=True)
@@ -169,3 +173,60 @@ def paste(out, core_array, block: Block):
         raise ValueError(f"block {block.id} lies outside the output ({out.shape[-2]} x {out.shape[-1]} cells)")
     out[..., block.row0:block.row0 + block.rows, block.col0:block.col0 + block.cols] = core_array
     return out
+
+
+def halo_for(blocks_config: dict | None, tile_size: int) -> int:
+    """The halo a study's blocks are read with: config key ``blocks.halo``, null = ``tile_size``.
+
+    Why the tile size: an inference window or a training tile that touches a core may start up to
+    ``tile_size - 1`` cells before it and end as far after it; with that much halo a block sees every
+    window and tile of the whole region's grid that touches its core, so each block's core comes out
+    exactly as it does when the whole region is one block. A smaller halo would make results depend
+    on the block layout, and is refused (ValueError naming ``blocks.halo``).
+    """
+    tile_size = _int(tile_size, "tiles.size", 1)
+    halo = (blocks_config or {}).get("halo")
+    if halo is None:
+        return tile_size
+    halo = _int(halo, "blocks.halo", 0)
+    if halo < tile_size:
+        raise ValueError(f"config key blocks.halo ({halo}) must be at least tiles.size ({tile_size}) -- "
+                         "a block must see every inference window and training tile that touches its core, "
+                         "or its results would depend on the block layout; leave it null (= tiles.size)")
+    return halo
+
+
+def study_plan(region: dict, blocks_config: dict | None, tile_size: int) -> list[Block]:
+    """The block plan of a study: its region's rows and columns, ``blocks.size`` and :func:`halo_for`."""
+    size = (blocks_config or {}).get("size", DEFAULT_SIZE)
+    return plan(int(region["rows"]), int(region["cols"]), size, halo_for(blocks_config, tile_size))
+
+
+def find(blocks: list[Block], block_id: str) -> Block:
+    """The block ``block_id`` of a plan; ValueError (naming the plan's extent) when it has none."""
+    for b in blocks:
+        if b.id == block_id:
+            return b
+    last = blocks[-1].id if blocks else "none"
+    raise ValueError(f"block {block_id!r} is not in the plan ({len(blocks)} blocks, r0000c0000 .. {last}); "
+                     "the region or config key blocks changed since the job was planned")
+
+
+def to_dict(block: Block) -> dict:
+    """A block as plain JSON values (see :func:`from_dict`)."""
+    return dataclasses.asdict(block)
+
+
+def from_dict(data: dict) -> Block:
+    return Block(**{f.name: data[f.name] for f in dataclasses.fields(Block)})
+
+
+def read_slices(block: Block) -> tuple[slice, slice]:
+    """Rows and columns of ``block``'s read window in a whole-region (..., H, W) array."""
+    return (slice(block.read_row0, block.read_row0 + block.read_rows),
+            slice(block.read_col0, block.read_col0 + block.read_cols))
+
+
+def core_slices(block: Block) -> tuple[slice, slice]:
+    """Rows and columns of ``block``'s core in a whole-region (..., H, W) array."""
+    return slice(block.row0, block.row0 + block.rows), slice(block.col0, block.col0 + block.cols)
