@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from . import grass, grassio, pairing, temporal, tiles
+from .cube import channel_layout, hide  # noqa: F401  (the cube contract; kept importable from here)
 from .ingest import grid_from_project, set_region
 
 log = logging.getLogger("stfuse.bridge")
@@ -47,8 +48,12 @@ def stage_session(project_state: dict, stage: str, read_mapsets):
         yield gs
 
 
-def _mapset(map_or_strds_id: str) -> str:
+def map_mapset(map_or_strds_id: str) -> str:
+    """The mapset of a fully qualified ``name@mapset`` ("" when unqualified)."""
     return map_or_strds_id.split("@", 1)[1] if "@" in map_or_strds_id else ""
+
+
+_mapset = map_mapset
 
 
 # --- pairing -------------------------------------------------------------------------------------------
@@ -165,15 +170,6 @@ def pairing_step(project_state: dict, optical_state: dict, sar_state: dict, out_
 
 
 # --- imagery groups ------------------------------------------------------------------------------------
-
-
-def channel_layout(optical_state: dict, sar_state: dict, static: list[dict]) -> list[dict]:
-    """Channel order shared by groups, tiles and the model: optical bands, valid, SAR bands, static."""
-    chans = [dict(name=b, sensor=optical_state["sensor"], kind="optical") for b in optical_state["bands"]]
-    chans.append(dict(name="valid", sensor=optical_state["sensor"], kind="valid"))
-    chans += [dict(name=b, sensor=sar_state["sensor"], kind="sar") for b in sar_state["bands"]]
-    chans += [dict(name=s["name"], sensor="static", kind="static") for s in static]
-    return chans
 
 
 def import_static(gs, static: list[dict], project_state: dict) -> dict[str, str]:
@@ -337,29 +333,6 @@ def load_cube(cube_dir, hidden=None, *, mmap_mode=None) -> tuple[np.ndarray, dic
     if hidden is not None:
         cube = hide(cube, meta["channels"], hidden, inplace=True)
     return cube, meta
-
-
-def hide(cube: np.ndarray, channels: list[dict], hidden: np.ndarray, *, inplace: bool = False) -> np.ndarray:
-    """The cube with `hidden` (T, H, W) cells as gaps: optical bands NaN and valid 0 (where valid is not NaN).
-
-    A copy by default; `inplace=True` changes `cube` itself (and returns it), touching only the optical and
-    valid channels of the dates with hidden cells (with a copy-on-write memmap, only those pages are copied).
-    """
-    hidden = np.asarray(hidden, dtype=bool)
-    if hidden.shape != (cube.shape[0],) + tuple(cube.shape[2:]):
-        raise ValueError(f"hidden must have shape {(cube.shape[0],) + tuple(cube.shape[2:])}, got {hidden.shape}")
-    out = cube if inplace else cube.copy()
-    opt = [i for i, c in enumerate(channels) if c["kind"] == "optical"]
-    valid = next(i for i, c in enumerate(channels) if c["kind"] == "valid")
-    for t in range(cube.shape[0]):
-        mask = hidden[t]
-        if not mask.any():
-            continue
-        valid_gap = mask & ~np.isnan(out[t, valid])
-        for i in opt:
-            out[t, i][mask] = np.nan
-        out[t, valid][valid_gap] = 0.0
-    return out
 
 
 def tiles_step(cube_dir, out_dir, *, hidden=None, **tile_params) -> dict:

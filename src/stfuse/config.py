@@ -335,3 +335,6 @@ def check(config: dict) -> None:
     width, height, where = known if known else (None, None, "")
     check_tiles(size, overlap, width, height, multiple=multiple, where=where,
                 infer_overlap=_get(config, "infer", "overlap"))
+    from .blocks import halo_for  # the halo must cover a tile (ValueError naming blocks.halo)
+
+    halo_for(config.get("blocks") or {}, size)

@@ -126,3 +126,59 @@ def region_counts(metas: list[dict]) -> tuple[int, np.ndarray]:
 
 def write_meta(block_dir, meta: dict) -> None:
     Path(block_dir, META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+
+
+class Mosaic:
+    """Whole-region reads from per-block core arrays (e.g. every block's ``filled.npy``), never whole.
+
+    ``paths`` maps block id -> a .npy file of shape (..., rows, cols) of that block's *core*; ``plan`` is
+    the study's block plan. ``mosaic[lead, r0:r1, c0:c1]`` (lead: an index or slice over the leading axes)
+    returns that window of the whole region, read from the blocks it overlaps, each memory-mapped only for
+    the read, so the pages read leave the process with the result.
+    """
+
+    def __init__(self, paths: dict, plan: list[blocks.Block]):
+        self.plan = list(plan)
+        missing = [b.id for b in self.plan if b.id not in paths]
+        if missing:
+            raise ValueError(f"no file for block(s) {', '.join(missing[:5])} of the plan")
+        self.paths = {b.id: Path(paths[b.id]) for b in self.plan}
+        first = np.load(self.paths[self.plan[0].id], mmap_mode="r")
+        self.dtype, lead = first.dtype, first.shape[:-2]
+        del first
+        rows = max(b.row0 + b.rows for b in self.plan)
+        cols = max(b.col0 + b.cols for b in self.plan)
+        self.shape = tuple(lead) + (rows, cols)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        n_lead = len(self.shape) - 2
+        lead = key[:n_lead] + (slice(None),) * max(0, n_lead - len(key))
+        rows, cols = (list(key[n_lead:]) + [slice(None), slice(None)])[:2]
+        r0, r1, _ = rows.indices(self.shape[-2]) if isinstance(rows, slice) else (rows, rows + 1, 1)
+        c0, c1, _ = cols.indices(self.shape[-1]) if isinstance(cols, slice) else (cols, cols + 1, 1)
+        out = None
+        for b in self.plan:
+            rr0, rr1 = max(r0, b.row0), min(r1, b.row0 + b.rows)
+            cc0, cc1 = max(c0, b.col0), min(c1, b.col0 + b.cols)
+            if rr0 >= rr1 or cc0 >= cc1:
+                continue
+            m = np.load(self.paths[b.id], mmap_mode="r")
+            if m.shape[-2:] != (b.rows, b.cols):
+                raise ValueError(f"{self.paths[b.id]}: {m.shape[-2]} x {m.shape[-1]} cells, block {b.id}'s core is "
+                                 f"{b.rows} x {b.cols}")
+            part = np.asarray(m[lead + (slice(rr0 - b.row0, rr1 - b.row0), slice(cc0 - b.col0, cc1 - b.col0))])
+            del m
+            if out is None:
+                out = np.empty(part.shape[:-2] + (r1 - r0, c1 - c0), dtype=self.dtype)
+            out[..., rr0 - r0:rr1 - r0, cc0 - c0:cc1 - c0] = part
+        if out is None:
+            raise IndexError(f"window rows {r0}:{r1}, cols {c0}:{c1} lies outside the region {self.shape[-2:]}")
+        if not isinstance(rows, slice):
+            out = out[..., 0, :]
+        if not isinstance(cols, slice):
+            out = out[..., 0]
+        return out

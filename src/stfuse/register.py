@@ -40,8 +40,11 @@ def config_sha256(config: dict) -> str:
 
 
 def register_filled(project_state: dict, optical_state: dict, sar_state: dict, dates: list[dict],
-                    filled: np.ndarray, flags: np.ndarray, *, checkpoint_sha: str, config_sha: str) -> dict:
-    """Write and register the filled series; returns the JSON-able state (STRDS ids, maps, lineage)."""
+                    filled, flags, *, checkpoint_sha: str, config_sha: str) -> dict:
+    """Write and register the filled series; returns the JSON-able state (STRDS ids, maps, lineage).
+
+    ``filled`` (T, B, H, W) and ``flags`` (T, H, W): arrays, or anything with ``shape`` that gives a
+    map's array for ``[t, b]`` / ``[t]`` (e.g. :class:`stfuse.cube.Mosaic` over the blocks' files)."""
     t0 = time.perf_counter()
     sensor, bands = optical_state["sensor"], optical_state["bands"]
     n_dates = len(dates)
@@ -69,11 +72,12 @@ def register_filled(project_state: dict, optical_state: dict, sar_state: dict, d
                 band_lines.append(f"{name}|{start}|{band}")
                 maps[band] = f"{name}@{mapset}"
             flag = f"{sensor}_filledflag_{stamp}"
-            grassio.write_map(flags[t].astype(np.float32), flag, title=f"1 = filled by stfuse, {d['start_time']}",
+            flag_t = np.asarray(flags[t])  # one read (a Mosaic of blocks stitches it anew on each read)
+            grassio.write_map(flag_t.astype(np.float32), flag, title=f"1 = filled by stfuse, {d['start_time']}",
                               history=lineage)
             flag_lines.append(f"{flag}|{start}|filled")
             granules.append(dict(start_time=d["start_time"], maps=maps, flag=f"{flag}@{mapset}",
-                                 filled_fraction=float(flags[t].mean())))
+                                 filled_fraction=float(flag_t.mean())))
         with tempfile.TemporaryDirectory(prefix="stfuse_register_") as tmp:
             strds = _register(gs, tgis, f"{sensor}_filled", band_lines, tmp, f"{sensor} gap-filled", lineage)
             flag_strds = _register(gs, tgis, f"{sensor}_filled_flag", flag_lines, tmp,

@@ -6,9 +6,8 @@
 
 checkpoint holdout:
     input:
-        cube=f"{RESULTS}/cube/cube.npy",
+        meta=per_block(f"{RESULTS}/blocks/{{block}}/cube/cube.json"),
     output:
-        hidden=f"{RESULTS}/heldout/hidden.npy",
         info=f"{RESULTS}/heldout/holdout.json",
     log:
         f"{LOGS}/heldout/holdout.log",
@@ -18,7 +17,7 @@ checkpoint holdout:
         benchmark=section("benchmark"),
     threads: 1
     resources:
-        mem_mb=2000,
+        mem_mb=1000,
         runtime=10,
     conda:
         "../../envs/eval.yaml"
@@ -26,13 +25,68 @@ checkpoint holdout:
         "../scripts/holdout.py"
 
 
-rule score:
+rule score_stats_block:
     input:
-        unpack(scored_variants),
-        cube=f"{RESULTS}/cube/cube.npy",
-        hidden=f"{RESULTS}/heldout/hidden.npy",
+        cube=f"{RESULTS}/blocks/{{block}}/cube/cube.npy",
+        meta=f"{RESULTS}/blocks/{{block}}/cube/cube.json",
         info=f"{RESULTS}/heldout/holdout.json",
         truth=synthetic_truth_manifest,
+    output:
+        stats=f"{RESULTS}/benchmark/blocks/{{block}}/stats.npz",
+    log:
+        f"{LOGS}/benchmark/blocks/{{block}}/score_stats.log",
+    benchmark:
+        f"{BENCH}/benchmark/blocks/{{block}}/score_stats.tsv"
+    params:
+        optical=section("sensors", OPTICAL[0]),
+    group:
+        "score"
+    threads: 1
+    resources:
+        mem_mb=3000,
+        runtime=20,
+    conda:
+        "../../envs/eval.yaml"
+    script:
+        "../scripts/score_stats_block.py"
+
+
+rule score_block:
+    input:
+        cube=f"{RESULTS}/blocks/{{block}}/cube/cube.npy",
+        meta=f"{RESULTS}/blocks/{{block}}/cube/cube.json",
+        info=f"{RESULTS}/heldout/holdout.json",
+        stats=per_block(f"{RESULTS}/benchmark/blocks/{{block}}/stats.npz"),
+        heldout=per_block(f"{RESULTS}/heldout/blocks/{{block}}/infer/filled.npy"),
+        main=per_block(f"{RESULTS}/main/blocks/{{block}}/infer/filled.npy"),
+        truth=synthetic_truth_manifest,
+    output:
+        scores=f"{RESULTS}/benchmark/blocks/{{block}}/scores.csv",
+        quicklook=f"{RESULTS}/benchmark/blocks/{{block}}/quicklook.npz",
+    log:
+        f"{LOGS}/benchmark/blocks/{{block}}/score.log",
+    benchmark:
+        f"{BENCH}/benchmark/blocks/{{block}}/score.tsv"
+    params:
+        benchmark=section("benchmark"),
+        optical=section("sensors", OPTICAL[0]),
+    group:
+        "score"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        "../../envs/eval.yaml"
+    script:
+        "../scripts/score_block.py"
+
+
+rule score:
+    input:
+        parts=scored_blocks,
+        meta=per_block(f"{RESULTS}/blocks/{{block}}/cube/cube.json"),
+        info=f"{RESULTS}/heldout/holdout.json",
     output:
         scores=f"{RESULTS}/benchmark/scores.csv",
         summary=report(f"{RESULTS}/benchmark/summary.md", caption="../report/summary.rst", category="Benchmark"),
@@ -46,11 +100,9 @@ rule score:
         f"{BENCH}/benchmark/score.tsv"
     params:
         benchmark=section("benchmark"),
-        optical=section("sensors", OPTICAL[0]),
-        blocks=section("blocks"),
     threads: 1
     resources:
-        mem_mb=8000,
+        mem_mb=2000,
         runtime=30,
     conda:
         "../../envs/eval.yaml"

@@ -55,20 +55,25 @@ rule groups:
         "../scripts/groups.py"
 
 
-rule cube:
+rule cube_block:
     input:
         project=f"{RESULTS}/ingest/project.json",
         groups=f"{RESULTS}/groups/groups.json",
     output:
-        cube=f"{RESULTS}/cube/cube.npy",
-        meta=f"{RESULTS}/cube/cube.json",
+        cube=f"{RESULTS}/blocks/{{block}}/cube/cube.npy",
+        meta=f"{RESULTS}/blocks/{{block}}/cube/cube.json",
     log:
-        f"{LOGS}/cube/cube.log",
+        f"{LOGS}/blocks/{{block}}/cube.log",
     benchmark:
-        f"{BENCH}/cube/cube.tsv"
-    threads: 2
+        f"{BENCH}/blocks/{{block}}/cube.tsv"
+    params:
+        blocks=section("blocks"),
+        tile_size=TILE_SIZE,
+    group:
+        "cube"
+    threads: 1
     resources:
-        mem_mb=4000,
+        mem_mb=3000,
         runtime=20,
     conda:
         "../../envs/grass.yaml"
@@ -76,29 +81,65 @@ rule cube:
         "../scripts/cube.py"
 
 
-rule export_tiles:
+rule cube:
     input:
-        cube=f"{RESULTS}/cube/cube.npy",
-        hidden=hidden_cells,
+        stage_targets("cube"),
+
+
+rule tiles_block:
+    input:
+        cube=f"{RESULTS}/blocks/{{block}}/cube/cube.npy",
+        meta=f"{RESULTS}/blocks/{{block}}/cube/cube.json",
+        holdout=holdout_info,
     output:
-        tiles=f"{RESULTS}/{{variant}}/tiles/tiles.npy",
-        index=f"{RESULTS}/{{variant}}/tiles/index.csv",
-        channels=f"{RESULTS}/{{variant}}/tiles/channels.json",
-        stats=f"{RESULTS}/{{variant}}/tiles/stats.json",
+        tiles=f"{RESULTS}/{{variant}}/blocks/{{block}}/tiles/tiles.npy",
+        index=f"{RESULTS}/{{variant}}/blocks/{{block}}/tiles/index.csv",
+        clear_fraction=f"{RESULTS}/{{variant}}/blocks/{{block}}/tiles/clear_fraction.npy",
+        moments=f"{RESULTS}/{{variant}}/blocks/{{block}}/tiles/moments.npz",
+        summary=f"{RESULTS}/{{variant}}/blocks/{{block}}/tiles/tiles.json",
     log:
-        f"{LOGS}/{{variant}}/tiles.log",
+        f"{LOGS}/{{variant}}/blocks/{{block}}/tiles.log",
     benchmark:
-        f"{BENCH}/{{variant}}/tiles.tsv"
+        f"{BENCH}/{{variant}}/blocks/{{block}}/tiles.tsv"
     params:
         tiles=section("tiles"),
+    group:
+        "tiles"
     threads: 1
     resources:
-        mem_mb=4000,
+        mem_mb=3000,
         runtime=20,
     conda:
         "../../envs/grass.yaml"
     script:
-        "../scripts/tiles.py"
+        "../scripts/tiles_block.py"
+
+
+rule tile_store:
+    input:
+        index=per_block(f"{RESULTS}/{{variant}}/blocks/{{block}}/tiles/index.csv"),
+        clear_fraction=per_block(f"{RESULTS}/{{variant}}/blocks/{{block}}/tiles/clear_fraction.npy"),
+        moments=per_block(f"{RESULTS}/{{variant}}/blocks/{{block}}/tiles/moments.npz"),
+        summary=per_block(f"{RESULTS}/{{variant}}/blocks/{{block}}/tiles/tiles.json"),
+    output:
+        index=f"{RESULTS}/{{variant}}/tiles/index.csv",
+        clear_fraction=f"{RESULTS}/{{variant}}/tiles/clear_fraction.npy",
+        channels=f"{RESULTS}/{{variant}}/tiles/channels.json",
+        stats=f"{RESULTS}/{{variant}}/tiles/stats.json",
+    log:
+        f"{LOGS}/{{variant}}/tile_store.log",
+    benchmark:
+        f"{BENCH}/{{variant}}/tile_store.tsv"
+    params:
+        tiles=section("tiles"),
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../../envs/grass.yaml"
+    script:
+        "../scripts/tile_store.py"
 
 
 rule tiles:

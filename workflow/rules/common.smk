@@ -57,9 +57,49 @@ def manifest_file(wildcards=None):
     return []
 
 
-def hidden_cells(wildcards):
-    """The benchmark's hidden cells, for the heldout variant only."""
-    return [f"{RESULTS}/heldout/hidden.npy"] if wildcards.variant == "heldout" else []
+def holdout_info(wildcards):
+    """The benchmark's holdout decision (evaluation dates and their donor masks), for the heldout variant."""
+    return [f"{RESULTS}/heldout/holdout.json"] if wildcards.variant == "heldout" else []
+
+
+# --- spatial blocks: every pixel stage runs once per block (stfuse.blocks) ------------------------------
+
+TILE_SIZE = section("tiles").get("size", 32)
+
+
+def _plan_region():
+    """The region's rows and columns: from the config when it fixes them (a synthetic scene, an explicit
+    region: planned without running anything), else from the ingest_project checkpoint's project.json."""
+    import json
+
+    known = stfuse.config.region_size(config)
+    if known:
+        return dict(cols=known[0], rows=known[1])
+    return json.loads(Path(checkpoints.ingest_project.get().output.state).read_text())["region"]
+
+
+def block_plan():
+    import stfuse.blocks
+
+    return stfuse.blocks.study_plan(_plan_region(), section("blocks"), TILE_SIZE)
+
+
+def block_ids():
+    return [b.id for b in block_plan()]
+
+
+def per_block(pattern, **kw):
+    """An input function: ``pattern`` (with {block} and the job's own wildcards) for every block."""
+
+    def expand_blocks(wildcards):
+        ids = block_ids()
+        return [pattern.format(block=b, **dict(wildcards.items()), **kw) for b in ids]
+
+    return expand_blocks
+
+
+wildcard_constraints:
+    block=r"r\d{4}c\d{4}",
 
 
 def synthetic_truth_manifest(wildcards):
@@ -76,9 +116,10 @@ def stage_targets(stage):
         "ingest": [f"{RESULTS}/ingest/{s}.json" for s in SENSORS],
         "pairing": [f"{RESULTS}/pairing/pairs.csv"],
         "groups": [f"{RESULTS}/groups/groups.json"],
+        "cube": per_block(f"{RESULTS}/blocks/{{block}}/cube/cube.json"),
         "tiles": [f"{RESULTS}/main/tiles/index.csv"],
         "train": [f"{RESULTS}/main/model/model.pt"],
-        "infer": [f"{RESULTS}/main/infer/filled.npy"],
+        "infer": per_block(f"{RESULTS}/main/blocks/{{block}}/infer/filled.npy"),
         "register": [f"{RESULTS}/register/filled.json"],
         "benchmark": [f"{RESULTS}/benchmark/summary.md"],
     }
@@ -92,9 +133,9 @@ def benchmark_possible(wildcards=None):
     return json.loads(Path(checkpoints.holdout.get().output.info).read_text())["possible"]
 
 
-def scored_variants(wildcards):
-    """score's model inputs: the heldout and main filled series, only when the benchmark is possible (so
-    the heldout variant is never trained for nothing)."""
+def scored_blocks(wildcards):
+    """score's inputs: every block's partial scores, only when the benchmark is possible (so the heldout
+    variant is never trained for nothing)."""
     if not benchmark_possible(wildcards):
-        return {}
-    return {"heldout": f"{RESULTS}/heldout/infer/filled.npy", "main": f"{RESULTS}/main/infer/filled.npy"}
+        return []
+    return per_block(f"{RESULTS}/benchmark/blocks/{{block}}/scores.csv")(wildcards)

@@ -22,7 +22,9 @@ rule scene:
         "../scripts/scene.py"
 
 
-rule ingest_project:
+# a checkpoint: where the config does not fix the region (region from the data, a user's project), the
+# block plan of every pixel stage is read from its project.json
+checkpoint ingest_project:
     input:
         manifest=manifest_file,
     output:

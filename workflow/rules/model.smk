@@ -6,7 +6,12 @@
 rule train_model:
     input:
         index=f"{RESULTS}/{{variant}}/tiles/index.csv",
-        tiles=f"{RESULTS}/{{variant}}/tiles/tiles.npy",
+        clear_fraction=f"{RESULTS}/{{variant}}/tiles/clear_fraction.npy",
+        channels=f"{RESULTS}/{{variant}}/tiles/channels.json",
+        stats=f"{RESULTS}/{{variant}}/tiles/stats.json",
+        # the tile store's tiles stay in the blocks' files (read memory-mapped, never concatenated)
+        tiles=per_block(f"{RESULTS}/{{variant}}/blocks/{{block}}/tiles/tiles.npy"),
+        summaries=per_block(f"{RESULTS}/{{variant}}/blocks/{{block}}/tiles/tiles.json"),
     output:
         model=f"{RESULTS}/{{variant}}/model/model.pt",
         history=f"{RESULTS}/{{variant}}/model/history.csv",
@@ -35,30 +40,34 @@ rule train_model:
         "../scripts/train.py"
 
 
-rule predict:
+rule predict_block:
     input:
         model=f"{RESULTS}/{{variant}}/model/model.pt",
-        cube=f"{RESULTS}/cube/cube.npy",
-        hidden=hidden_cells,
+        cube=f"{RESULTS}/blocks/{{block}}/cube/cube.npy",
+        meta=f"{RESULTS}/blocks/{{block}}/cube/cube.json",
+        holdout=holdout_info,
     output:
-        filled=f"{RESULTS}/{{variant}}/infer/filled.npy",
-        prediction=f"{RESULTS}/{{variant}}/infer/prediction.npy",
-        flags=f"{RESULTS}/{{variant}}/infer/flags.npy",
+        filled=f"{RESULTS}/{{variant}}/blocks/{{block}}/infer/filled.npy",
+        prediction=f"{RESULTS}/{{variant}}/blocks/{{block}}/infer/prediction.npy",
+        flags=f"{RESULTS}/{{variant}}/blocks/{{block}}/infer/flags.npy",
+        info=f"{RESULTS}/{{variant}}/blocks/{{block}}/infer/infer.json",
     log:
-        f"{LOGS}/{{variant}}/infer.log",
+        f"{LOGS}/{{variant}}/blocks/{{block}}/infer.log",
     benchmark:
-        f"{BENCH}/{{variant}}/infer.tsv"
+        f"{BENCH}/{{variant}}/blocks/{{block}}/infer.tsv"
     params:
         infer=section("infer"),
+    group:
+        "predict"
     # scheduling hint only: torch's thread count is config infer.threads
     threads: 2
     resources:
-        mem_mb=8000,
+        mem_mb=4000,
         runtime=60,
     conda:
         "../../envs/torch.yaml"
     script:
-        "../scripts/infer.py"
+        "../scripts/predict_block.py"
 
 
 rule register_filled:
@@ -66,9 +75,9 @@ rule register_filled:
         project=f"{RESULTS}/ingest/project.json",
         optical=f"{RESULTS}/ingest/{OPTICAL[0]}.json",
         sar=f"{RESULTS}/ingest/{SAR[0]}.json",
-        cube=f"{RESULTS}/cube/cube.json",
-        filled=f"{RESULTS}/main/infer/filled.npy",
-        flags=f"{RESULTS}/main/infer/flags.npy",
+        meta=per_block(f"{RESULTS}/blocks/{{block}}/cube/cube.json"),
+        filled=per_block(f"{RESULTS}/main/blocks/{{block}}/infer/filled.npy"),
+        flags=per_block(f"{RESULTS}/main/blocks/{{block}}/infer/flags.npy"),
         model=f"{RESULTS}/main/model/model.pt",
     output:
         state=f"{RESULTS}/register/filled.json",

@@ -1,9 +1,11 @@
-"""Rule cube: read every imagery group once into a (T, C, H, W) array; later stages never read GRASS."""
+"""Rule cube_block: read one spatial block (core + halo) of every imagery group into a block cube."""
 import json
 from pathlib import Path
 
-from stfuse import bridge, logs
+from stfuse import logs
+from stfuse.steps.cube import cube_block_step
 
 logs.setup(snakemake.log[0])
 project = json.loads(Path(snakemake.input.project).read_text())
-bridge.cube_step(project, snakemake.input.groups, Path(snakemake.output.cube).parent)
+cube_block_step(project, snakemake.input.groups, snakemake.wildcards.block, Path(snakemake.output.cube).parent,
+                blocks_config=snakemake.params.blocks, tile_size=snakemake.params.tile_size)

@@ -1,9 +1,8 @@
-"""Checkpoint holdout: evaluation dates and the cells hidden on them (real cloud masks of other dates), and
-whether the study's data support the benchmark at all (holdout.json: possible, reason)."""
-from pathlib import Path
-
-from stfuse import benchmark, logs
+"""Checkpoint holdout: evaluation dates and, for each, the donor date whose real cloud mask is transplanted
+onto it, decided from the blocks' cell counts (no pixel read); and whether the study's data support the
+benchmark at all (holdout.json: possible, reason, donors)."""
+from stfuse import logs
+from stfuse.steps.score import holdout_step
 
 logs.setup(snakemake.log[0])
-benchmark.holdout_step(Path(snakemake.input.cube).parent, snakemake.output.hidden, snakemake.output.info,
-                       **snakemake.params.benchmark)
+holdout_step(snakemake.input.meta, snakemake.output.info, **snakemake.params.benchmark)
