@@ -2,9 +2,14 @@
 # Run the demo workflow (config/config.yaml) twice from scratch, once through profiles/slurm on the
 # running Slurm cluster and once locally through profiles/default, then compare what they made:
 #   - ingest JSONs (results/demo/ingest/*.json), the work directory in absolute paths normalised;
-#   - training tiles (results/demo/main/tiles/tiles.npy, index.csv), byte for byte;
+#   - training tiles (every block's results/demo/main/blocks/*/tiles/tiles.npy, the store's index.csv),
+#     byte for byte;
 #   - benchmark scores (results/demo/benchmark/scores.csv), byte for byte (tolerance fallback, see below).
-# Also checks with sacct that every job of the Slurm run went through Slurm and COMPLETED.
+# Also checks with sacct that every job of the Slurm run went through Slurm and COMPLETED, and measures from
+# sacct's start and end times how many block jobs ran at once.
+# The demo runs with STFUSE_SLURM_DEMO_BLOCKS-cell blocks (default 48: 2 x 2 blocks of the 96 x 96 scene) and
+# the Slurm run with --jobs STFUSE_SLURM_JOBS (default 4) and --group-components STFUSE_SLURM_GROUPS
+# (default "cube=2 tiles=2 predict=1 score=2": a group job asks for the sum of its parts' cores).
 #
 #   bash scripts/slurm/run_demo.sh [--parallel] [WORKDIR]    # WORKDIR: /tmp/stfuse-slurm-demo (wiped first)
 #
@@ -57,7 +62,14 @@ touch "$WORK/.stfuse-slurm-demo"
 # One frozen copy of the code for both runs (see the header).
 tar -C "$ROOT" --exclude=__pycache__ -cf - Snakefile workflow src config profiles envs | tar -C "$WORK/code" -xf -
 CODE=$WORK/code
-CONFIG=$CODE/config/config.yaml
+CONFIG=$WORK/config.yaml
+BLOCKS=${STFUSE_SLURM_DEMO_BLOCKS:-48}
+"$PY" - "$CODE/config/config.yaml" "$CONFIG" "$BLOCKS" <<'PY'
+import sys, yaml
+cfg = yaml.safe_load(open(sys.argv[1]))
+cfg["blocks"] = {"size": int(sys.argv[3])}
+open(sys.argv[2], "w").write(yaml.safe_dump(cfg, sort_keys=False))
+PY
 export PYTHONPATH=$CODE/src${PYTHONPATH:+:$PYTHONPATH}
 [ "$("$PY" -c 'import stfuse, os; print(os.path.dirname(os.path.dirname(stfuse.__file__)))')" = "$CODE/src" ] \
   || die 2 "stfuse is not imported from the snapshot $CODE/src"
@@ -79,7 +91,9 @@ run() {  # run NAME SNAKEMAKE-ARGS...: one fresh run in WORK/NAME, seconds into 
 }
 run_slurm() {
   say "Slurm run: snakemake --profile profiles/slurm --workflow-profile none in $WORK/slurm"
-  run slurm --profile "$CODE/profiles/slurm" --workflow-profile none \
+  # shellcheck disable=SC2086  # the group list is word-split on purpose
+  run slurm --profile "$CODE/profiles/slurm" --workflow-profile none --jobs "${STFUSE_SLURM_JOBS:-4}" \
+    --group-components ${STFUSE_SLURM_GROUPS:-cube=2 tiles=2 predict=1 score=2} \
     --slurm-init-seconds-before-status-checks "$POLL" --slurm-keep-successful-logs
 }
 run_local() {
@@ -100,7 +114,7 @@ fi
 run_id=$(sed -n 's/.*SLURM run ID: \([0-9A-Za-z_-]*\).*/\1/p' "$WORK/slurm.log" | head -1)
 [ -n "$run_id" ] || die 1 "no 'SLURM run ID' in $WORK/slurm.log: did the run use the slurm executor?"
 # The plugin names every sbatch job after the run id: all of them must be in sacct, COMPLETED.
-sacct -X -P -n --name "$run_id" -S now-1days -o JobID,State,Elapsed,AllocCPUS,ReqMem,Comment%80 \
+sacct -X -P -n --name "$run_id" -S now-1days -o JobID,State,Elapsed,AllocCPUS,ReqMem,Comment%200,Start,End \
   > "$WORK/sacct.txt" 2>&1 || say "WARNING: sacct failed: $(cat "$WORK/sacct.txt")"
 
 rc=0
@@ -129,7 +143,10 @@ for name in ingest:
     if json.loads(a) != json.loads(b):
         problems.append(f"ingest/{name} differs (paths normalised)")
 
-for rel in ("main/tiles/tiles.npy", "main/tiles/index.csv"):
+block_ids = sorted(p.name for p in (local / res / "blocks").iterdir())
+if sorted(p.name for p in (slurm / res / "blocks").iterdir()) != block_ids:
+    problems.append("the runs have different blocks")
+for rel in ["main/tiles/index.csv"] + [f"main/blocks/{b}/tiles/tiles.npy" for b in block_ids]:
     if not filecmp.cmp(slurm / res / rel, local / res / rel, shallow=False):
         problems.append(f"{rel} differs")
 
@@ -153,8 +170,11 @@ if not scores_bitwise:
 
 # Informational: the filled series and the model's training history.
 extra = {}
-for rel in ("heldout/tiles/tiles.npy", "main/infer/filled.npy", "heldout/infer/filled.npy"):
-    extra[rel] = filecmp.cmp(slurm / res / rel, local / res / rel, shallow=False)
+for variant in ("main", "heldout"):
+    for name in ("tiles/tiles.npy", "infer/filled.npy"):
+        extra[f"{variant}/blocks/*/{name}"] = all(
+            filecmp.cmp(slurm / res / variant / "blocks" / b / name, local / res / variant / "blocks" / b / name,
+                        shallow=False) for b in block_ids)
 for variant in ("main", "heldout"):  # the losses; the other columns are wall-clock timings
     cols = ["epoch", "train_loss", "val_loss"]
     a, b = (pd.read_csv(d / res / variant / "model/history.csv")[cols] for d in (slurm, local))
@@ -163,9 +183,23 @@ for variant in ("main", "heldout"):  # the losses; the other columns are wall-cl
 jobs = []
 for line in (work / "sacct.txt").read_text().splitlines():
     parts = line.split("|")
-    if len(parts) >= 6 and parts[0]:
+    if len(parts) >= 8 and parts[0]:
         jobs.append({"jobid": parts[0], "state": parts[1], "elapsed": parts[2], "cpus": parts[3],
-                     "mem": parts[4], "comment": parts[5]})
+                     "mem": parts[4], "comment": parts[5], "start": parts[6], "end": parts[7]})
+
+
+def most_at_once(spans):
+    """The largest number of (start, end) spans that overlap at one instant."""
+    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
+    now = best = 0
+    for _, step in events:
+        now += step
+        best = max(best, now)
+    return best
+
+
+block_spans = [(pd.Timestamp(j["start"]), pd.Timestamp(j["end"])) for j in jobs
+               if ("block" in j["comment"] or j["comment"].startswith("group")) and j["start"] not in ("", "Unknown") and j["end"] not in ("", "Unknown")]
 if not jobs:
     problems.append(f"sacct lists no job named {run_id}")
 elif any(j["state"] != "COMPLETED" for j in jobs):
@@ -178,6 +212,9 @@ summary = {
     "slurm_jobs": jobs,
     "parallel": os.environ.get("STFUSE_DEMO_PARALLEL") == "1",
     "ingest_jsons": ingest,
+    "blocks": block_ids,
+    "block_jobs": len(block_spans),
+    "most_block_jobs_at_once": most_at_once(block_spans) if block_spans else 0,
     "scores_bitwise_equal": scores_bitwise,
     "scores_max_abs_diff": scores_max_diff,
     "also_identical": extra,
@@ -187,7 +224,8 @@ summary = {
 }
 (work / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
 print(f"[slurm-demo] Slurm: {summary['slurm_seconds']:.0f} s, {len(jobs)} jobs; "
-      f"local: {summary['local_seconds']:.0f} s")
+      f"local: {summary['local_seconds']:.0f} s; {len(block_ids)} blocks, {len(block_spans)} Slurm jobs of block "
+      f"work, at most {summary['most_block_jobs_at_once']} at once")
 for j in jobs:
     print(f"[slurm-demo]   job {j['jobid']:>5} {j['state']:<10} {j['elapsed']} cpus={j['cpus']} "
           f"mem={j['mem']} {j['comment']}")
