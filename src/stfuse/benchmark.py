@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from . import baselines, blocks, metrics
-from .bridge import hide
+from .cube import hide, region_counts
 
 log = logging.getLogger("stfuse.benchmark")
 
@@ -55,20 +55,16 @@ def observed(cube: np.ndarray, channels: list[dict]) -> tuple[np.ndarray, np.nda
     return obs, clear
 
 
-def choose_holdout(cube: np.ndarray, meta: dict, *, min_clear: float, seed: int, min_fraction: float = 0.05,
-                   max_fraction: float = 0.7, max_dates: int | None = None) -> tuple[np.ndarray, list[int]]:
-    """Evaluation dates (clear fraction >= min_clear) and the hidden cells transplanted onto them.
+def _fraction(count: np.ndarray, n: int) -> np.ndarray:
+    # as metrics.clear_fraction: integer counts, so the same whatever the blocks
+    return count / n if n else np.zeros(count.shape)
 
-    Clear and cloud fractions are over the cells observed at least once (:func:`stfuse.metrics.clear_fraction`),
-    so cells outside the optical footprint count neither as clear nor as cloud. Raises
-    :class:`BenchmarkNotPossible` when the data cannot support the benchmark: no date is clear enough, an
-    evaluation date has no donor date whose cloud fraction lies within [min_fraction, max_fraction], or the
-    hidden cells would leave no clear cell on any date to train the heldout model on.
-    """
-    _, clear = observed(cube, meta["channels"])
-    seen = observed_cells(cube, meta["channels"])
-    frac = metrics.clear_fraction(clear, seen)
-    dates = [d["start_time"] for d in meta["dates"]]
+
+def _eval_and_donors(frac: np.ndarray, dates: list[str], *, min_clear: float, seed: int, min_fraction: float,
+                     max_fraction: float, max_dates: int | None) -> tuple[list[int], dict[int, int]]:
+    """Evaluation dates and their donor dates from the dates' clear fractions alone (no pixel).
+
+    Raises :class:`BenchmarkNotPossible` when no date is clear enough or an evaluation date has no donor."""
     eval_dates = [int(t) for t in np.flatnonzero(frac >= min_clear)]
     if max_dates is not None and len(eval_dates) > max_dates:
         rng = np.random.default_rng(seed)
@@ -88,22 +84,107 @@ def choose_holdout(cube: np.ndarray, meta: dict, *, min_clear: float, seed: int,
                 f"[{min_fraction}, {max_fraction}] (config keys benchmark.min_mask_fraction and "
                 f"benchmark.max_mask_fraction; the dates' cloud fractions: {_fractions_text(cloud)})"
             )
-    hidden = metrics.transplant_masks(clear, eval_dates, seed, min_fraction=min_fraction,
-                                      max_fraction=max_fraction, observed=seen)
+    # the draws of metrics.transplant_masks, in the same order: the same donors
+    return eval_dates, metrics.transplant_donors(cloud, eval_dates, seed, min_fraction, max_fraction)
+
+
+def _all_hidden(n_eval: int, max_fraction: float) -> BenchmarkNotPossible:
+    return BenchmarkNotPossible(
+        f"the cloud masks transplanted onto the {n_eval} evaluation date(s) hide every clear cell "
+        "of the series, so the heldout model would have nothing to train on; lower config key "
+        f"benchmark.max_mask_fraction (now {max_fraction})"
+    )
+
+
+def choose_holdout(cube: np.ndarray, meta: dict, *, min_clear: float, seed: int, min_fraction: float = 0.05,
+                   max_fraction: float = 0.7, max_dates: int | None = None) -> tuple[np.ndarray, list[int]]:
+    """Evaluation dates (clear fraction >= min_clear) and the hidden cells transplanted onto them.
+
+    Clear and cloud fractions are over the cells observed at least once (:func:`stfuse.metrics.clear_fraction`),
+    so cells outside the optical footprint count neither as clear nor as cloud. Raises
+    :class:`BenchmarkNotPossible` when the data cannot support the benchmark: no date is clear enough, an
+    evaluation date has no donor date whose cloud fraction lies within [min_fraction, max_fraction], or the
+    hidden cells would leave no clear cell on any date to train the heldout model on.
+
+    The whole-cube form of :func:`holdout_decision` (which decides from the blocks' counts, no pixel): the
+    same evaluation dates and donors, so ``stfuse.cube.transplanted`` of every block gives these hidden cells.
+    """
+    _, clear = observed(cube, meta["channels"])
+    seen = observed_cells(cube, meta["channels"])
+    frac = metrics.clear_fraction(clear, seen)
+    eval_dates, donors = _eval_and_donors(frac, [d["start_time"] for d in meta["dates"]], min_clear=min_clear,
+                                          seed=seed, min_fraction=min_fraction, max_fraction=max_fraction,
+                                          max_dates=max_dates)
+    hidden = metrics.apply_donors(clear, donors)
     if not (clear & ~hidden).any():
-        raise BenchmarkNotPossible(
-            f"the cloud masks transplanted onto the {len(eval_dates)} evaluation date(s) hide every clear cell "
-            "of the series, so the heldout model would have nothing to train on; lower config key "
-            f"benchmark.max_mask_fraction (now {max_fraction})"
-        )
+        raise _all_hidden(len(eval_dates), max_fraction)
     log.info("evaluation dates: %d (clear fraction >= %.2f); hidden cells: %d", len(eval_dates), min_clear,
              int(hidden.sum()))
     return hidden, eval_dates
 
 
+def leaves_clear_cells(seen: int, clear, donors: dict) -> bool:
+    """Whether some clear cell surely stays clear after hiding, from the region's counts alone.
+
+    ``seen``: cells observed at least once; ``clear`` (T,): clear cells per date; ``donors`` {e: d}. True
+    when a date that is not an evaluation date has a clear cell (nothing is hidden on it), or when on some
+    evaluation date e the clear cells of e and of its donor d outnumber the observed cells (then some cell
+    is clear on both, and a cell clear on its donor date is not hidden). A sufficient condition: the exact
+    check (:func:`choose_holdout`) also passes when every clear cell lies on an evaluation date and, for
+    every one, clear(e) + clear(d) <= seen but the two dates' clear cells overlap anyway. That needs every
+    other date fully cloudy and every donor an evaluation date, so clear fractions of at most one half on
+    both: only with benchmark.min_clear <= 0.5."""
+    clear = np.asarray(clear, dtype=np.int64)
+    keys = {int(e) for e in donors}
+    if any(clear[t] > 0 for t in range(len(clear)) if t not in keys):
+        return True
+    return any(int(clear[int(e)]) + int(clear[int(d)]) > int(seen) for e, d in donors.items())
+
+
+def holdout_decision(metas: list[dict], *, min_clear: float, seed: int, min_mask_fraction: float = 0.05,
+                     max_mask_fraction: float = 0.7, max_dates: int | None = None) -> dict:
+    """The benchmark's holdout from the ``counts`` of every block's cube.json (:mod:`stfuse.cube`), no pixel.
+
+    Region-wide clear fractions from :func:`stfuse.cube.region_counts` (integer counts: exactly
+    :func:`stfuse.metrics.clear_fraction` of the whole region), then the evaluation dates and donor dates
+    of :func:`choose_holdout` (the same rng draws in the same order). Returns the holdout.json dict:
+    ``possible``, ``reason`` (None, or why not: the reasons of :func:`choose_holdout`), ``eval_dates``
+    (start_time strings), ``donors`` {str(evaluation date index): donor date index} -- the hidden cells of
+    any window are ``stfuse.cube.transplanted(window, channels, donors)`` --, and the parameters. The check
+    that some clear cell is left to train on is :func:`leaves_clear_cells` (sufficient, from counts). The
+    number of hidden cells is not known here: the score step counts them (benchmark.json ``hidden_cells``).
+    """
+    if not metas:
+        raise ValueError("holdout_decision needs the cube.json of at least one block")
+    dates = [d["start_time"] for d in metas[0]["dates"]]
+    for m in metas[1:]:
+        if [d["start_time"] for d in m["dates"]] != dates:
+            raise ValueError(f"block {m.get('block', {}).get('id')}: its dates differ from block "
+                             f"{metas[0].get('block', {}).get('id')}'s; the block cubes are of different runs")
+    params = dict(min_clear=min_clear, seed=seed, min_mask_fraction=min_mask_fraction,
+                  max_mask_fraction=max_mask_fraction, max_dates=max_dates)
+    seen, clear = region_counts(metas)
+    try:
+        eval_dates, donors = _eval_and_donors(_fraction(clear, seen), dates, min_clear=min_clear, seed=seed,
+                                              min_fraction=min_mask_fraction, max_fraction=max_mask_fraction,
+                                              max_dates=max_dates)
+        if not leaves_clear_cells(seen, clear, donors):
+            raise _all_hidden(len(eval_dates), max_mask_fraction)
+    except BenchmarkNotPossible as err:
+        log.warning("the benchmark cannot score this study: %s", err)
+        return dict(possible=False, reason=str(err), eval_dates=[], donors={}, **params)
+    log.info("evaluation dates: %d (clear fraction >= %.2f), over %d block(s)", len(eval_dates), min_clear,
+             len(metas))
+    return dict(possible=True, reason=None, eval_dates=[dates[e] for e in eval_dates],
+                donors={str(e): int(d) for e, d in donors.items()}, **params)
+
+
 def holdout_step(cube_dir, hidden_path, info_path, *, min_clear: float, seed: int, min_mask_fraction: float = 0.05,
                  max_mask_fraction: float = 0.7, max_dates: int | None = None, **_ignored) -> dict:
     """Decide whether the benchmark is possible; write the hidden cells (.npy) and the decision (JSON).
+
+    The whole-cube form (library API, :func:`benchmark_step`); the workflow's holdout, on block cubes,
+    is :func:`stfuse.steps.score.holdout_step` (holdout.json only, decided from counts).
 
     The decision, ``{"possible": bool, "reason": str | None, "eval_dates": [...], "hidden_cells": int}``,
     is what the workflow reads to request the heldout variant only when it will be scored. When not
@@ -249,21 +330,36 @@ def plot_quicklook(truth, gappy, methods: dict, hidden, dates: list[dict], t_lis
 QUICKLOOK_MAX_CELLS = 1024
 #: default edge (cells) of the blocks :func:`benchmark_step` scores one at a time
 DEFAULT_BLOCK_SIZE = 256
+TRANSPLANTED, REAL = "transplanted clouds", "real clouds (synthetic truth)"
+
+
+def ssim_ring(block: blocks.Block, rows: int, cols: int) -> blocks.Block:
+    """``block`` with its read window replaced by its core plus :data:`stfuse.metrics.SSIM_HALO` cells, clipped
+    to the ``rows`` x ``cols`` region: the cells whose values the SSIM of its core cells depends on."""
+    h = metrics.SSIM_HALO
+    r0, c0 = max(0, block.row0 - h), max(0, block.col0 - h)
+    r1, c1 = min(rows, block.row0 + block.rows + h), min(cols, block.col0 + block.cols + h)
+    return dataclasses.replace(block, read_row0=r0, read_col0=c0, read_rows=r1 - r0, read_cols=c1 - c0)
+
+
+def score_window(block: blocks.Block, rows: int, cols: int) -> blocks.Block:
+    """``block`` with its read window replaced by the window it is scored on: its :func:`ssim_ring` (what SSIM
+    needs; the baselines are per cell in time and need no halo), widened inwards to the region's SSIM window
+    where a thin last block is narrower (more context than the halo leaves the core's SSIM unchanged; the
+    values of the cells added do not matter)."""
+    return _widen(ssim_ring(block, rows, cols), metrics.ssim_win_size((rows, cols)), rows, cols)
 
 
 def score_plan(rows: int, cols: int, block_size: int | None) -> tuple[list[blocks.Block], int]:
     """The blocks :func:`benchmark_step` scores, and their halo.
 
     ``block_size`` None (or at least the region's longer side): one block, the whole region, no halo.
-    Otherwise cores of ``block_size`` with a halo of :data:`stfuse.metrics.SSIM_HALO` (what SSIM
-    needs; the baselines are per cell in time and need none)."""
+    Otherwise cores of ``block_size`` read over their :func:`score_window` (halo
+    :data:`stfuse.metrics.SSIM_HALO`)."""
     if block_size is None or block_size >= max(rows, cols):
         return blocks.plan(rows, cols, max(rows, cols), 0), 0
     plan = blocks.plan(rows, cols, block_size, metrics.SSIM_HALO)
-    # a thin last block (core + clipped halo) may be narrower than the SSIM window: widen its read
-    # window inwards to the window's size (more context than the halo leaves the core's SSIM unchanged)
-    win = metrics.ssim_win_size((rows, cols))
-    return [_widen(b, win, rows, cols) for b in plan], metrics.SSIM_HALO
+    return [score_window(b, rows, cols) for b in plan], metrics.SSIM_HALO
 
 
 def _widen(block: blocks.Block, win: int, rows: int, cols: int) -> blocks.Block:
@@ -312,43 +408,145 @@ def _core_of(block: blocks.Block) -> tuple[int, int, int, int]:
     return block.core_row_offset, block.core_col_offset, block.rows, block.cols
 
 
-class _Region:
-    """Region-wide quantities gathered block by block (first pass): what is not per cell."""
+# --- first pass: what is region-wide, from each block's core ------------------------------------------------
 
-    def __init__(self, t: int):
-        self.n_seen = 0
-        self.n_clear = np.zeros(t, np.int64)      # clear & seen, per date
-        self.n_clear_in = np.zeros(t, np.int64)   # clear after hiding & seen
-        self.n_hidden = np.zeros(t, np.int64)
-        self.fill_parts, self.real_fill_parts = [], []
-        self.sar_parts, self.real_sar_parts = [], []
+@dataclasses.dataclass
+class BlockStats:
+    """First pass over one block's core: the additive parts of what is region-wide in the scoring."""
 
-    @staticmethod
-    def fraction(count: np.ndarray, n: int) -> np.ndarray:
-        # as metrics.clear_fraction: integer counts, so the same whatever the blocks
-        return count / n if n else np.zeros(count.shape)
+    n_seen: int                               # cells observed at least once
+    n_clear: np.ndarray                       # (T,) clear cells per date
+    n_clear_in: np.ndarray                    # (T,) clear cells left after hiding
+    n_hidden: np.ndarray                      # (T,) hidden cells
+    fill: np.ndarray                          # (2, T, B) metrics.ssim_fill_parts of the clear observations
+    sar: baselines.SarStats | None = None     # sar_regression statistics of the series with gaps
+    real_fill: np.ndarray | None = None       # (2, T, B) of the synthetic truth
+    real_sar: baselines.SarStats | None = None  # of the clear observations (real clouds, synthetic truth)
 
 
-def _first_pass(cube, hidden, truth_cube, channels, plan, sar_idx) -> _Region:
-    region = _Region(cube.shape[0])
-    for block in plan:
-        cb, hb = _window(cube, block, core=True), _window(hidden, block, core=True)
-        seen = observed_cells(cb, channels)
-        truth, clear = observed(cb, channels)
-        gappy, clear_in = observed(hide(cb, channels, hb, inplace=True), channels)  # cb: this pass's own copy
-        region.n_seen += int(seen.sum())
-        region.n_clear += (clear & seen).reshape(len(cb), -1).sum(axis=1)
-        region.n_clear_in += (clear_in & seen).reshape(len(cb), -1).sum(axis=1)
-        region.n_hidden += hb.reshape(len(hb), -1).sum(axis=1)
-        region.fill_parts.append(metrics.ssim_fill_parts(truth))
-        if sar_idx:
-            sar = cb[:, sar_idx]
-            region.sar_parts.append(baselines.sar_regression_stats(gappy, sar))
-            if truth_cube is not None:
-                region.real_sar_parts.append(baselines.sar_regression_stats(truth, sar))
-        if truth_cube is not None:
-            region.real_fill_parts.append(metrics.ssim_fill_parts(_window(truth_cube, block, core=True)))
-    return region
+def block_stats(core_cube: np.ndarray, hidden: np.ndarray, channels: list[dict],
+                truth: np.ndarray | None = None) -> BlockStats:
+    """:class:`BlockStats` of a block's core: ``core_cube`` (T, C, h, w), changed (the ``hidden`` (T, h, w)
+    cells are hidden in it: pass the pass's own copy); ``truth`` (T, B, h, w) the synthetic truth or None."""
+    seen = observed_cells(core_cube, channels)
+    obs, clear = observed(core_cube, channels)
+    gappy, clear_in = observed(hide(core_cube, channels, hidden, inplace=True), channels)
+    t = len(core_cube)
+    stats = BlockStats(int(seen.sum()), (clear & seen).reshape(t, -1).sum(axis=1),
+                       (clear_in & seen).reshape(t, -1).sum(axis=1),
+                       np.asarray(hidden).reshape(t, -1).sum(axis=1), metrics.ssim_fill_parts(obs))
+    sar_idx = _indices(channels, "sar")
+    if sar_idx:
+        sar = core_cube[:, sar_idx]
+        stats.sar = baselines.sar_regression_stats(gappy, sar)
+        if truth is not None:
+            stats.real_sar = baselines.sar_regression_stats(obs, sar)
+    if truth is not None:
+        stats.real_fill = metrics.ssim_fill_parts(truth)
+    return stats
+
+
+@dataclasses.dataclass
+class RegionStats:
+    """What every block's second pass needs of the whole region (:func:`merge_stats`)."""
+
+    cloud: np.ndarray          # (T,) cloud fraction of the series (real clouds)
+    cloud_in: np.ndarray       # (T,) cloud fraction of the series given to the methods (after hiding)
+    n_hidden: np.ndarray       # (T,)
+    fill: np.ndarray | None    # (T, B) SSIM fill values; None: one block, the region's own default
+    real_fill: np.ndarray | None
+    coef: np.ndarray | None    # pooled sar_regression coefficients (B, 1 + S); None without SAR
+    real_coef: np.ndarray | None
+
+
+def merge_stats(parts: list[BlockStats], *, single: bool = False) -> RegionStats:
+    """The region's :class:`RegionStats` from the :class:`BlockStats` of all its blocks, in the given order
+    (the float merges of the SSIM fill values and SAR statistics depend on it: give it the same everywhere).
+    ``single``: the one part is the whole region (fill values None: the region's own, as metrics.score)."""
+    n_seen = sum(p.n_seen for p in parts)
+
+    def total(key):
+        return np.sum([getattr(p, key) for p in parts], axis=0)
+
+    def coef(key):
+        stats = [getattr(p, key) for p in parts]
+        return None if stats[0] is None else baselines.solve_sar_regression(baselines.merge_sar_stats(stats))
+
+    real = parts[0].real_fill is not None
+    return RegionStats(
+        cloud=1.0 - _fraction(total("n_clear"), n_seen), cloud_in=1.0 - _fraction(total("n_clear_in"), n_seen),
+        n_hidden=total("n_hidden"), fill=None if single else metrics.ssim_fill([p.fill for p in parts]),
+        real_fill=None if single or not real else metrics.ssim_fill([p.real_fill for p in parts]),
+        coef=coef("sar"), real_coef=coef("real_sar"))
+
+
+# --- second pass: each block's partial scores -------------------------------------------------------------
+
+@dataclasses.dataclass
+class ScoreContext:
+    """What the second pass of every block shares (:func:`score_context`)."""
+
+    channels: list[dict]
+    bands: list[str]
+    sar_idx: list[int]
+    times: np.ndarray
+    shape: tuple[int, int]       # the region's rows, cols
+    win_size: int
+    data_range: float
+    whittaker_lambda: float
+    region: RegionStats
+    eval_dates: list[int]        # dates with hidden cells
+    pick: list[int]              # the quicklook's dates
+    rgb: list[int]
+    stride: int
+
+
+def score_context(channels: list[dict], dates: list[dict], shape, region: RegionStats, *, data_range: float,
+                  whittaker_lambda: float, quicklook_dates: int) -> ScoreContext:
+    bands = [channels[i]["name"] for i in _indices(channels, "optical")]
+    times = pd.to_datetime([d["start_time"] for d in dates]).tz_convert("UTC").tz_localize(None).to_numpy()
+    h, w = (int(v) for v in shape)
+    eval_dates = [int(d) for d in np.flatnonzero(region.n_hidden)]
+    pick = sorted(sorted(eval_dates, key=lambda d: -region.n_hidden[d])[:quicklook_dates])
+    return ScoreContext(channels, bands, _indices(channels, "sar"), times, (h, w), metrics.ssim_win_size((h, w)),
+                        data_range, whittaker_lambda, region, eval_dates, pick,
+                        [bands.index(b) for b in ("B04", "B03", "B02") if b in bands] or [0, 0, 0],
+                        max(1, -(-max(h, w) // QUICKLOOK_MAX_CELLS)))
+
+
+def score_block(cb: np.ndarray, hb: np.ndarray, model: np.ndarray | None, block: blocks.Block, ctx: ScoreContext,
+                *, truth: np.ndarray | None = None, main: np.ndarray | None = None) -> tuple[dict, dict | None]:
+    """Partial score tables of one block, and its quicklook piece.
+
+    ``cb`` (T, C, h, w) the cube over ``block``'s read window (:func:`score_window`), ``hb`` (T, h, w) its
+    hidden cells, ``model`` (T, B, h, w) the heldout model's filled series on it; ``truth`` (T, B, h, w) the
+    synthetic truth and ``main`` the main model's filled series, for the real-cloud protocol. Returns
+    {(protocol, method): :func:`stfuse.metrics.partial_scores` over the core} and :func:`_quick_piece`."""
+    core = _core_of(block)
+    sar = cb[:, ctx.sar_idx] if ctx.sar_idx else None
+    obs, clear = observed(cb, ctx.channels)
+    gappy, clear_in = observed(hide(cb, ctx.channels, hb), ctx.channels)
+    methods = run_methods(gappy, ctx.times, sar, model, ctx.whittaker_lambda, sar_coef=ctx.region.coef)
+    gap_days = metrics.days_to_nearest_valid(clear_in, ctx.times)
+    parts = {}
+    for name, filled in methods.items():
+        parts[(TRANSPLANTED, name)] = metrics.partial_scores(
+            obs, filled, hb, ctx.bands, data_range=ctx.data_range, gap_days=gap_days,
+            cloud_fraction=ctx.region.cloud_in, core=core, win_size=ctx.win_size, ssim_fill=ctx.region.fill)
+    piece = _quick_piece(block, ctx, [gappy, obs] + list(methods.values()), ["input (gaps)", "truth"] + list(methods),
+                         hb)
+    del methods, gappy
+    if truth is not None:
+        # real clouds on the synthetic scene: every cloudy cell has a known truth
+        tb = truth.astype(np.float32, copy=False)
+        real_hidden = ~clear & np.isfinite(tb).all(axis=1)
+        real_methods = run_methods(obs, ctx.times, sar, main, ctx.whittaker_lambda, sar_coef=ctx.region.real_coef)
+        gap_days = metrics.days_to_nearest_valid(clear, ctx.times)
+        for name, filled in real_methods.items():
+            parts[(REAL, name)] = metrics.partial_scores(
+                tb, filled, real_hidden, ctx.bands, data_range=ctx.data_range, gap_days=gap_days,
+                cloud_fraction=ctx.region.cloud, core=core, win_size=ctx.win_size, ssim_fill=ctx.region.real_fill)
+    return parts, piece
 
 
 def _quicklook_index(block: blocks.Block, stride: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -359,127 +557,137 @@ def _quicklook_index(block: blocks.Block, stride: int) -> tuple[np.ndarray, np.n
     return rows - block.row0, cols - block.col0, rows // stride, cols // stride
 
 
+def _quick_piece(block, ctx: ScoreContext, arrays: list, names: list[str], hb) -> dict | None:
+    """The quicklook's cells of a block's core: ``names``, ``values`` (names, dates, rgb, rows, cols) float32,
+    ``hidden`` (dates, rows, cols), and ``rows``, ``cols``: where they go in the quicklook."""
+    if not ctx.pick:
+        return None
+    qr, qc, dr, dc = _quicklook_index(block, ctx.stride)
+    r0, c0 = block.core_row_offset, block.core_col_offset
+    src = np.ix_(ctx.pick, ctx.rgb, r0 + qr, c0 + qc)
+    values = np.stack([np.asarray(a[src], dtype=np.float32) for a in arrays])
+    return dict(names=list(names), values=values, hidden=np.asarray(hb[np.ix_(ctx.pick, r0 + qr, c0 + qc)]),
+                rows=dr, cols=dc)
+
+
+class Quicklook:
+    """The quicklook's subsampled RGB images, pasted together from the blocks' pieces."""
+
+    def __init__(self, ctx: ScoreContext):
+        h, w = ctx.shape
+        self.pick, self.n_rgb = ctx.pick, len(ctx.rgb)
+        self.qshape = (len(ctx.pick), len(ctx.rgb), -(-h // ctx.stride), -(-w // ctx.stride))
+        self.images = {n: np.full(self.qshape, np.nan, np.float32) for n in ("input (gaps)", "truth")}
+        self.hidden = np.zeros((len(ctx.pick),) + self.qshape[2:], bool)
+
+    def paste(self, piece: dict | None) -> None:
+        if piece is None:
+            return
+        rows, cols = np.asarray(piece["rows"], dtype=np.int64), np.asarray(piece["cols"], dtype=np.int64)
+        sel = np.ix_(range(self.qshape[0]), range(self.n_rgb), rows, cols)
+        for name, values in zip(piece["names"], piece["values"]):
+            self.images.setdefault(str(name), np.full(self.qshape, np.nan, np.float32))[sel] = values
+        self.hidden[np.ix_(range(self.qshape[0]), rows, cols)] = piece["hidden"]
+
+    def plot(self, dates: list[dict], path) -> None:
+        images = dict(self.images)
+        truth, gappy = images.pop("truth"), images.pop("input (gaps)")
+        plot_quicklook(truth, gappy, images, self.hidden, [dates[d] for d in self.pick], list(range(len(self.pick))),
+                       list(range(self.n_rgb)), path)
+
+
+class PartsMerger:
+    """The blocks' partial score tables, kept per (protocol, method) in first-seen order, merged at the end."""
+
+    def __init__(self):
+        self.parts: dict[tuple[str, str], list[pd.DataFrame]] = {}
+
+    def add(self, parts: dict) -> None:
+        for key, part in parts.items():
+            got = self.parts.setdefault(key, [])
+            # zero sums add nothing to merge_scores' exact sums: only the first part needs every row
+            got.append(part if not got else part[part.value != 0])
+
+    def table(self) -> pd.DataFrame:
+        return pd.concat([metrics.merge_scores(p).assign(method=name, protocol=protocol)
+                          for (protocol, name), p in self.parts.items()], ignore_index=True)
+
+
+def write_outputs(out_dir, table: pd.DataFrame, quick: Quicklook, ctx: ScoreContext, dates: list[dict]) -> None:
+    """scores.csv, summary.md, by_gap.png, quicklook.png and benchmark.json of a scored benchmark."""
+    out_dir = Path(out_dir)
+    eval_dates, n_hidden = ctx.eval_dates, int(ctx.region.n_hidden.sum())
+    quick.plot(dates, out_dir / "quicklook.png")
+    table.to_csv(out_dir / "scores.csv", index=False, float_format="%.6g")
+    days = ", ".join(dates[t]["start_time"][:10] for t in eval_dates)
+    md = (f"Scored on {len(eval_dates)} evaluation date(s) ({days})"
+          f": {n_hidden} clear cells hidden under cloud masks transplanted from other dates.\n\n"
+          + to_markdown(summary_table(table)))
+    (out_dir / "summary.md").write_text(md)
+    plot_by_gap(table[table.protocol == TRANSPLANTED], out_dir / "by_gap.png", TRANSPLANTED)
+    info = dict(possible=True, eval_dates=[dates[t]["start_time"] for t in eval_dates], hidden_cells=n_hidden,
+                data_range=ctx.data_range, whittaker_lambda=ctx.whittaker_lambda)
+    (out_dir / "benchmark.json").write_text(json.dumps(info, indent=1) + "\n")
+    log.info("benchmark on %d dates, %d hidden cells:\n%s", len(eval_dates), n_hidden, md)
+
+
+def _as_npy(truth_cube):
+    """A whole-file .npy memmap as :class:`_Npy` (read per block), anything else as it is."""
+    if isinstance(truth_cube, np.memmap) and str(truth_cube.filename or "").endswith(".npy"):
+        whole = np.load(truth_cube.filename, mmap_mode="r")   # the whole file, not a view into it?
+        same = whole.shape == truth_cube.shape and whole.offset == truth_cube.offset
+        del whole
+        if same:
+            return _Npy(truth_cube.filename)
+    return truth_cube
+
+
 def benchmark_step(cube_dir, hidden_path, heldout_infer_dir, out_dir, *, data_range: float = 1.0,
                    whittaker_lambda: float = baselines.DEFAULT_WHITTAKER_LAMBDA, quicklook_dates: int = 3,
                    truth_cube: np.ndarray | None = None, main_infer_dir=None,
                    block_size: int | None = DEFAULT_BLOCK_SIZE) -> pd.DataFrame:
-    """Score every method; write scores.csv, summary.md, plots. Returns the long score table.
+    """Score every method on a whole-region cube; write scores.csv, summary.md, plots. Returns the long table.
 
-    Bounded memory: the cube, the hidden cells and the filled series are read memory-mapped, block by
-    block, and scored in
-    spatial blocks (:func:`score_plan`: cores of ``block_size`` cells, config key ``blocks.size``, plus
-    the halo SSIM needs; None = the whole region at once). A first pass gathers what is region-wide
-    -- cloud fractions per date, the SSIM fill values, the pooled ``sar_regression`` coefficients
-    (from mergeable sufficient statistics) --; the second runs the methods on each block's read window
-    and keeps the additive parts of the metrics over its core (:func:`stfuse.metrics.partial_scores`),
-    merged at the end (:func:`stfuse.metrics.merge_scores`). The table equals the whole region's up to
-    float summation order (relative ~1e-15); with one block it is bit for bit the whole region's.
-    ``truth_cube`` (T, B, H, W), the synthetic scene's truth, may be a memmap: it is read per block too.
+    The library form of the workflow's per-block scoring (:mod:`stfuse.steps.score`), built on the same
+    parts. Bounded memory: the cube, the hidden cells and the filled series are read memory-mapped, block
+    by block, and scored in spatial blocks (:func:`score_plan`: cores of ``block_size`` cells plus the halo
+    SSIM needs; None = the whole region at once). A first pass gathers what is region-wide
+    (:func:`block_stats`, :func:`merge_stats`: cloud fractions per date, the SSIM fill values, the pooled
+    ``sar_regression`` coefficients); the second runs the methods on each block's read window and keeps the
+    additive parts of the metrics over its core (:func:`score_block`), merged at the end
+    (:func:`stfuse.metrics.merge_scores`). The table equals the whole region's up to float summation order
+    (relative ~1e-15); with one block it is bit for bit the whole region's. ``truth_cube`` (T, B, H, W),
+    the synthetic scene's truth, may be a memmap: it is read per block too.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cube_dir = Path(cube_dir)
-    meta = json.loads((cube_dir / "cube.json").read_text())
-    cube = _Npy(cube_dir / "cube.npy")
+    meta = json.loads((Path(cube_dir) / "cube.json").read_text())
+    cube = _Npy(Path(cube_dir) / "cube.npy")
     channels, dates = meta["channels"], meta["dates"]
-    bands = [channels[i]["name"] for i in _indices(channels, "optical")]
-    sar_idx = _indices(channels, "sar")
-    times = pd.to_datetime([d["start_time"] for d in dates]).tz_convert("UTC").tz_localize(None).to_numpy()
     hidden = _Npy(hidden_path)
     model = _Npy(Path(heldout_infer_dir) / "filled.npy")
     real = truth_cube is not None and main_infer_dir is not None
     main = _Npy(Path(main_infer_dir) / "filled.npy") if real else None
-    if real and isinstance(truth_cube, np.memmap) and str(truth_cube.filename or "").endswith(".npy"):
-        whole = np.load(truth_cube.filename, mmap_mode="r")   # the whole file, not a view into it?
-        if whole.shape == truth_cube.shape and whole.offset == truth_cube.offset:
-            truth_cube = _Npy(truth_cube.filename)
-        del whole
-    t, _, h, w = cube.shape
+    truth_cube = _as_npy(truth_cube) if real else None
+    _, _, h, w = cube.shape
     plan, halo = score_plan(h, w, block_size)
-    single = len(plan) == 1
-    win_size = metrics.ssim_win_size((h, w))
     log.info("scoring %d x %d cells in %d block(s) of %s cells (halo %d)", h, w, len(plan),
-             block_size if not single else "the whole region", halo)
-
-    region = _first_pass(cube, hidden, truth_cube if real else None, channels, plan, sar_idx)
-    cloud_in = 1.0 - region.fraction(region.n_clear_in, region.n_seen)
-    cloud = 1.0 - region.fraction(region.n_clear, region.n_seen)
-    # one block: the region's own defaults (mean of the finite truth), as metrics.score
-    fill = None if single else metrics.ssim_fill(region.fill_parts)
-    real_fill = None if single or not real else metrics.ssim_fill(region.real_fill_parts)
-    coef = baselines.solve_sar_regression(baselines.merge_sar_stats(region.sar_parts)) if sar_idx else None
-    real_coef = (baselines.solve_sar_regression(baselines.merge_sar_stats(region.real_sar_parts))
-                 if sar_idx and real else None)
-
-    eval_dates = [int(d) for d in np.flatnonzero(region.n_hidden)]
-    n_hidden = int(region.n_hidden.sum())
-    rgb = [bands.index(b) for b in ("B04", "B03", "B02") if b in bands] or [0, 0, 0]
-    pick = sorted(sorted(eval_dates, key=lambda d: -region.n_hidden[d])[:quicklook_dates])
-    stride = max(1, -(-max(h, w) // QUICKLOOK_MAX_CELLS))
-    qshape = (len(pick), len(rgb), -(-h // stride), -(-w // stride))
-    quick = {"input (gaps)": np.full(qshape, np.nan, np.float32), "truth": np.full(qshape, np.nan, np.float32)}
-    quick_hidden = np.zeros((len(pick),) + qshape[2:], bool)
-
-    parts: dict[tuple[str, str], list[pd.DataFrame]] = {}
-
-    def keep(protocol, name, part):
-        got = parts.setdefault((protocol, name), [])
-        # zero sums add nothing to merge_scores' exact sums: only the first part needs every row
-        got.append(part if not got else part[part.value != 0])
-
+             block_size if len(plan) > 1 else "the whole region", halo)
+    region = merge_stats([block_stats(_window(cube, b, core=True), _window(hidden, b, core=True), channels,
+                                      _window(truth_cube, b, core=True) if real else None) for b in plan],
+                         single=len(plan) == 1)
+    ctx = score_context(channels, dates, (h, w), region, data_range=data_range, whittaker_lambda=whittaker_lambda,
+                        quicklook_dates=quicklook_dates)
+    merger, quick = PartsMerger(), Quicklook(ctx)
     for block in plan:
-        cb, hb = _window(cube, block), _window(hidden, block)
-        core = _core_of(block)
-        sar = cb[:, sar_idx] if sar_idx else None
-        truth, clear = observed(cb, channels)
-        gappy, clear_in = observed(hide(cb, channels, hb), channels)
-        methods = run_methods(gappy, times, sar, _window(model, block), whittaker_lambda, sar_coef=coef)
-        gap_days = metrics.days_to_nearest_valid(clear_in, times)
-        for name, filled in methods.items():
-            keep("transplanted clouds", name, metrics.partial_scores(
-                truth, filled, hb, bands, data_range=data_range, gap_days=gap_days, cloud_fraction=cloud_in,
-                core=core, win_size=win_size, ssim_fill=fill))
-        if pick:
-            qr, qc, dr, dc = _quicklook_index(block, stride)
-            r0, c0 = block.core_row_offset, block.core_col_offset
-            sel = np.ix_(range(len(pick)), range(len(rgb)), dr, dc)
-            src = np.ix_(pick, rgb, r0 + qr, c0 + qc)
-            quick["input (gaps)"][sel] = gappy[src]
-            quick["truth"][sel] = truth[src]
-            for name, filled in methods.items():
-                quick.setdefault(name, np.full(qshape, np.nan, np.float32))[sel] = filled[src]
-            quick_hidden[np.ix_(range(len(pick)), dr, dc)] = hb[np.ix_(pick, r0 + qr, c0 + qc)]
-        del methods, gappy
-        if real:
-            # real clouds on the synthetic scene: every cloudy cell has a known truth
-            tb = _window(truth_cube, block).astype(np.float32, copy=False)
-            real_hidden = ~clear & np.isfinite(tb).all(axis=1)
-            real_methods = run_methods(truth, times, sar, _window(main, block), whittaker_lambda,
-                                       sar_coef=real_coef)
-            gap_days = metrics.days_to_nearest_valid(clear, times)
-            for name, filled in real_methods.items():
-                keep("real clouds (synthetic truth)", name, metrics.partial_scores(
-                    tb, filled, real_hidden, bands, data_range=data_range, gap_days=gap_days,
-                    cloud_fraction=cloud, core=core, win_size=win_size, ssim_fill=real_fill))
-            del real_methods
-
-    table = pd.concat([metrics.merge_scores(p).assign(method=name, protocol=protocol)
-                       for (protocol, name), p in parts.items()], ignore_index=True)
-    transplanted = table[table.protocol == "transplanted clouds"]
-    truth_q, gappy_q = quick.pop("truth"), quick.pop("input (gaps)")
-    plot_quicklook(truth_q, gappy_q, quick, quick_hidden, [dates[d] for d in pick], list(range(len(pick))),
-                   list(range(len(rgb))), out_dir / "quicklook.png")
-    table.to_csv(out_dir / "scores.csv", index=False, float_format="%.6g")
-    summary = summary_table(table)
-    md = (f"Scored on {len(eval_dates)} evaluation date(s) ({', '.join(dates[t]['start_time'][:10] for t in eval_dates)})"
-          f": {n_hidden} clear cells hidden under cloud masks transplanted from other dates.\n\n"
-          + to_markdown(summary))
-    (out_dir / "summary.md").write_text(md)
-    plot_by_gap(transplanted, out_dir / "by_gap.png", "transplanted clouds")
-    info = dict(possible=True, eval_dates=[dates[t]["start_time"] for t in eval_dates], hidden_cells=n_hidden,
-                data_range=data_range, whittaker_lambda=whittaker_lambda)
-    (out_dir / "benchmark.json").write_text(json.dumps(info, indent=1) + "\n")
-    log.info("benchmark on %d dates, %d hidden cells:\n%s", len(eval_dates), n_hidden, md)
+        parts, piece = score_block(_window(cube, block), _window(hidden, block), _window(model, block), block, ctx,
+                                   truth=_window(truth_cube, block) if real else None,
+                                   main=_window(main, block) if real else None)
+        merger.add(parts)
+        quick.paste(piece)
+        del parts, piece
+    table = merger.table()
+    write_outputs(out_dir, table, quick, ctx, dates)
     return table
 
 
@@ -520,33 +728,55 @@ def not_possible_step(out_dir, holdout_info: dict) -> str:
     return md
 
 
-def synthetic_truth(truth_manifest, dates: list[dict], bands: list[str], scale: float, offset: float,
-                    path=None) -> np.ndarray:
-    """(T, B, H, W) cloud-free truth of the demo scene, in the same units as the cube.
-
-    ``path``: write it to this .npy file instead of memory, read one band of one date at a time, and
-    return it memory-mapped (read-only), for :func:`benchmark_step` to read block by block."""
-    import rasterio
-
+def _truth_paths(truth_manifest, dates: list[dict], bands: list[str]) -> list[list[Path]]:
+    """The truth GeoTIFF of each date (rows) and band (columns) in the demo scene's truth manifest."""
     m = pd.read_csv(truth_manifest)
     m["start_time"] = pd.to_datetime(m.start_time, utc=True)
     base = Path(truth_manifest).parent
+    out = []
+    for d in dates:
+        rows = m[m.start_time == pd.Timestamp(d["start_time"])].set_index("semantic_label")
+        out.append([base / rows.loc[band, "path"] for band in bands])
+    return out
+
+
+def _read_truth(path, scale: float, offset: float, window) -> np.ndarray:
+    import rasterio
+    from rasterio.windows import Window
+
+    with rasterio.open(path) as src:
+        if window is None:
+            arr = src.read(1).astype(np.float32)
+        else:
+            r0, c0, nr, nc = (int(v) for v in window)
+            if r0 < 0 or c0 < 0 or r0 + nr > src.height or c0 + nc > src.width:
+                raise ValueError(f"{path}: window rows {r0}:{r0 + nr}, cols {c0}:{c0 + nc} lies outside its "
+                                 f"{src.height} x {src.width} cells (the truth must be on the region's grid)")
+            arr = src.read(1, window=Window(c0, r0, nc, nr)).astype(np.float32)
+        nodata = src.nodata
+    valid = arr != nodata if nodata is not None else np.ones(arr.shape, bool)
+    return np.where(valid, arr * scale + offset, np.nan)
+
+
+def synthetic_truth(truth_manifest, dates: list[dict], bands: list[str], scale: float, offset: float,
+                    path=None, *, window=None) -> np.ndarray:
+    """(T, B, H, W) cloud-free truth of the demo scene, in the same units as the cube.
+
+    ``window``: (row0, col0, rows, cols) of the scene's grid (= the region's) to read, by rasterio window
+    reads (a block's core or read window; the whole scene is never read); None = the whole scene.
+    ``path``: write it to this .npy file instead of memory, read one band of one date at a time, and
+    return it memory-mapped (read-only), for :func:`benchmark_step` to read block by block."""
     out = None
-    for t, d in enumerate(dates):
-        when = pd.Timestamp(d["start_time"])
-        rows = m[m.start_time == when].set_index("semantic_label")
-        for b, band in enumerate(bands):
-            with rasterio.open(base / rows.loc[band, "path"]) as src:
-                arr = src.read(1).astype(np.float32)
-                nodata = src.nodata
+    for t, files in enumerate(_truth_paths(truth_manifest, dates, bands)):
+        for b, f in enumerate(files):
+            arr = _read_truth(f, scale, offset, window)
             if out is None:
                 shape = (len(dates), len(bands)) + arr.shape
                 if path is None:
                     out = np.full(shape, np.nan, np.float32)
                 else:
                     out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
-            valid = arr != nodata if nodata is not None else np.ones(arr.shape, bool)
-            out[t, b] = np.where(valid, arr * scale + offset, np.nan)
+            out[t, b] = arr
     if path is not None and out is not None:
         out.flush()
         del out

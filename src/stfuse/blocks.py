@@ -230,3 +230,14 @@ def read_slices(block: Block) -> tuple[slice, slice]:
 def core_slices(block: Block) -> tuple[slice, slice]:
     """Rows and columns of ``block``'s core in a whole-region (..., H, W) array."""
     return slice(block.row0, block.row0 + block.rows), slice(block.col0, block.col0 + block.cols)
+
+
+def id_in_path(path) -> str:
+    """The block id a per-block file's path names (its last ``r####c####`` component)."""
+    import re
+    from pathlib import Path
+
+    ids = [p for p in Path(path).parts if re.fullmatch(r"r\d{4}c\d{4}", p)]
+    if not ids:
+        raise ValueError(f"{path}: no block id (r0000c0000) in the path")
+    return ids[-1]

@@ -33,7 +33,8 @@ which works on any (T, C, h, w) series -- a tile from ``tiles.npy`` here, a wind
 full-region cube in :mod:`stfuse.infer` -- so training and inference build their inputs with
 the same code.
 
-The tile array is memory-mapped lazily, once per process (the dataset only stores the path),
+The tile array (or, for a tile store, each block's tile array) is memory-mapped lazily, once
+per process (the dataset only stores the paths),
 so the dataset pickles cheaply and works with ``DataLoader(num_workers > 0)`` under both the
 ``fork`` and ``spawn`` start methods.
 """
@@ -58,6 +59,7 @@ from stfuse.tiles import (
     CLEAR_FILE,
     INDEX_FILE,
     STATS_FILE,
+    STORE_COLUMNS,
     TILES_FILE,
     channel_indices,
     clear_mask,
@@ -306,7 +308,10 @@ class GapFillDataset(Dataset):
     Parameters
     ----------
     tiles_dir
-        Directory written by :func:`stfuse.tiles.export_tiles`.
+        Directory written by :func:`stfuse.tiles.export_tiles`, or a tile store written by
+        :func:`stfuse.tiles.merge_tile_store` (its index.csv has a ``store`` column: the tiles
+        stay in each block's tiles.npy, memory-mapped as they are needed, never concatenated).
+        Both give the same samples for the same tiles.
     split
         ``"train"`` or ``"val"``.
     k_neighbours
@@ -350,11 +355,11 @@ class GapFillDataset(Dataset):
                              f"got {extra_mask_seed!r}")
 
         root = Path(tiles_dir)
-        for name in (TILES_FILE, INDEX_FILE, CLEAR_FILE, CHANNELS_FILE, STATS_FILE):
+        for name in (INDEX_FILE, CLEAR_FILE, CHANNELS_FILE, STATS_FILE):
             if not (root / name).is_file():
                 raise FileNotFoundError(f"{root / name} is missing; is {root} an export_tiles "
-                                        "directory?")
-        self.tiles_path = str((root / TILES_FILE).resolve())
+                                        "directory or a tile store?")
+        self.root = str(root.resolve())
         self.split = split
         self.k_neighbours = int(k_neighbours)
         self.min_target_valid = float(min_target_valid)
@@ -382,12 +387,17 @@ class GapFillDataset(Dataset):
         if clear.shape != (len(index), self.n_dates):
             raise ValueError(f"{root}: {CLEAR_FILE} has shape {clear.shape}, expected "
                              f"({len(index)}, {self.n_dates})")
-        self.index = index[index["split"] == split].reset_index(drop=True)
+        self.is_store = STORE_COLUMNS[0] in index.columns
+        self.tiles_path, self._store_paths, store_of, row_in_store = self._locate_tiles(root, index)
+        keep = (index["split"] == split).to_numpy()
+        self.index = index[keep].reset_index(drop=True)
         tiles = self.index["tile"].to_numpy()
         ok = clear[tiles] >= self.min_target_valid
         rows, ts = np.nonzero(ok)  # row-major: tile by tile, dates in order
         self._items = np.stack([rows, ts], axis=1).astype(np.int64)
         self._tile_ids = tiles
+        self._tile_store = store_of[keep]
+        self._tile_in_store = row_in_store[keep]
         self._tile_rows = self.index["row"].to_numpy()
         self._tile_cols = self.index["col"].to_numpy()
         if len(self._items) == 0:
@@ -399,8 +409,8 @@ class GapFillDataset(Dataset):
         self.prior_input_indices: list[int] = list(self.assembler.prior_input_indices)
         self.present_input_index: int | None = self.assembler.present_input_index
 
-        self._array = None  # opened lazily, once per process
-        self._array_pid = None
+        self._maps: dict[int, np.ndarray] = {}  # tiles.npy memmaps, opened lazily, once per process
+        self._maps_pid = None
 
     # ---------------------------------------------------------------------------------------
     @property
@@ -425,16 +435,56 @@ class GapFillDataset(Dataset):
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_array"] = None  # never pickle an open memmap: each process maps its own
-        state["_array_pid"] = None
+        state["_maps"] = {}  # never pickle an open memmap: each process maps its own
+        state["_maps_pid"] = None
         return state
 
-    def _tiles(self) -> np.ndarray:
+    @property
+    def _array(self):
+        """The first tiles.npy memmap when this process has opened it (else None)."""
+        return self._maps.get(0) if self._maps_pid == os.getpid() else None
+
+    @staticmethod
+    def _locate_tiles(root: Path, index: pd.DataFrame):
+        """(tiles_path or None, the tiles.npy paths, each index row's path number and row in it).
+
+        A plain export: its one tiles.npy. A store (:func:`stfuse.tiles.merge_tile_store`):
+        each block's tiles.npy (``store`` column, relative to ``root``), checked against the
+        rows that point into it by its header only (no memmap in the main process).
+        """
+        if STORE_COLUMNS[0] not in index.columns:
+            path = root / TILES_FILE
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} is missing; is {root} an export_tiles directory?")
+            return (str(path.resolve()), [str(path.resolve())],
+                    np.zeros(len(index), dtype=np.int64), index["tile"].to_numpy(np.int64))
+        names, store_of = np.unique(index[STORE_COLUMNS[0]].astype(str).to_numpy(),
+                                    return_inverse=True)
+        row_in_store = index[STORE_COLUMNS[1]].to_numpy(np.int64)
+        paths = []
+        for k, name in enumerate(names):
+            path = (root / name / TILES_FILE).resolve()
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} is missing: the block tiles of store {root} "
+                                        f"({name}) are gone")
+            with open(path, "rb") as fh:
+                fmt = np.lib.format
+                read = fmt.read_array_header_1_0 if fmt.read_magic(fh) == (1, 0) \
+                    else fmt.read_array_header_2_0
+                shape = read(fh)[0]
+            rows = row_in_store[store_of == k]
+            if rows.min() < 0 or rows.max() >= shape[0]:
+                raise ValueError(f"{root}: index.csv points past the {shape[0]} tiles of {path}")
+            paths.append(str(path))
+        return None, paths, store_of.astype(np.int64).reshape(-1), row_in_store
+
+    def _tiles(self, store: int = 0) -> np.ndarray:
         pid = os.getpid()
-        if self._array is None or self._array_pid != pid:
-            self._array = np.load(self.tiles_path, mmap_mode="r")
-            self._array_pid = pid
-        return self._array
+        if self._maps_pid != pid:
+            self._maps, self._maps_pid = {}, pid
+        if store not in self._maps:
+            self._maps[store] = np.load(self._store_paths[store], mmap_mode="r")
+        return self._maps[store]
 
     # ---------------------------------------------------------------------------------------
     def __getitem__(self, index):
@@ -457,7 +507,8 @@ class GapFillDataset(Dataset):
                 other = int(rng.integers(n_dates - 1))
                 other += other >= t  # any date but t
 
-        series = self._tiles()[tile_id]  # (T, C, s, s) memmap view: only the dates used are read
+        # (T, C, s, s) memmap view: only the dates used are read
+        series = self._tiles(int(self._tile_store[row]))[int(self._tile_in_store[row])]
         hide = None
         if other >= 0:
             hide = ~self.assembler.clear(np.asarray(series[other], dtype=np.float32))
@@ -480,5 +531,5 @@ class GapFillDataset(Dataset):
         }
 
     def __repr__(self) -> str:
-        return (f"GapFillDataset({os.path.dirname(self.tiles_path)!r}, split={self.split!r}, "
+        return (f"GapFillDataset({self.root!r}, split={self.split!r}, "
                 f"samples={len(self)}, inputs={self.n_input_channels}, k={self.k_neighbours})")

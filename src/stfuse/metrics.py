@@ -29,6 +29,7 @@ __all__ = [
     "PART_COLUMNS",
     "SSIM_HALO",
     "SSIM_WIN",
+    "apply_donors",
     "clear_fraction",
     "days_to_nearest_valid",
     "mae",
@@ -42,6 +43,7 @@ __all__ = [
     "ssim_fill_parts",
     "ssim_hidden",
     "ssim_win_size",
+    "transplant_donors",
     "transplant_masks",
     "valid_mask",
 ]
@@ -270,6 +272,52 @@ def clear_fraction(valid, observed=None) -> np.ndarray:
     return (valid & observed).reshape(valid.shape[0], -1).sum(axis=1) / n
 
 
+def transplant_donors(cloud, eval_dates, seed, min_fraction: float = 0.05,
+                      max_fraction: float = 0.7) -> dict[int, int]:
+    """The donor date of each evaluation date, from the dates' cloud fractions alone (no pixel).
+
+    ``cloud`` (T,): each date's cloud fraction (``1 - clear_fraction(valid, observed)``). For each
+    evaluation date e (in the order given; negative indices count from the end), a donor d != e is
+    drawn uniformly, with ``numpy.random.default_rng(seed)``, among the dates whose cloud fraction
+    lies within [min_fraction, max_fraction]. Returns {e: d} in the order of ``eval_dates``; the
+    same inputs and seed always give the same donors. Raises ValueError when an evaluation date
+    has no donor. :func:`apply_donors` turns the donors into the hidden cells of any window.
+    """
+    cloud = np.asarray(cloud, dtype=np.float64)
+    if cloud.ndim != 1:
+        raise ValueError(f"cloud must be (T,), got {cloud.shape}")
+    if not 0.0 <= min_fraction <= max_fraction <= 1.0:
+        raise ValueError(f"need 0 <= min_fraction <= max_fraction <= 1, got {min_fraction}, {max_fraction}")
+    t = cloud.shape[0]
+    eval_dates = [int(e) for e in np.atleast_1d(np.asarray(eval_dates, dtype=np.int64))]
+    for e in eval_dates:
+        if not -t <= e < t:
+            raise ValueError(f"evaluation date index {e} out of range for {t} dates")
+    donors = np.flatnonzero((cloud >= min_fraction) & (cloud <= max_fraction))
+    rng = np.random.default_rng(seed)
+    out = {}
+    for e in (e % t for e in eval_dates):
+        choices = donors[donors != e]
+        if choices.size == 0:
+            raise ValueError(f"no donor date for evaluation date {e}: no other date has a cloud "
+                             f"fraction within [{min_fraction}, {max_fraction}]")
+        out[e] = int(rng.choice(choices))
+    return out
+
+
+def apply_donors(valid, donors: dict) -> np.ndarray:
+    """Hidden cells (T, H, W) bool of ``valid`` (T, H, W) bool (clear cells) from the donors
+    {e: d} of :func:`transplant_donors`: on each e, the cells valid on e and invalid on d. Per
+    cell, so the hidden cells of a window are the region's, cut."""
+    valid = np.asarray(valid, dtype=bool)
+    if valid.ndim != 3:
+        raise ValueError(f"valid must be (T, H, W), got {valid.shape}")
+    hidden = np.zeros_like(valid)
+    for e, d in donors.items():
+        hidden[int(e)] = ~valid[int(d)] & valid[int(e)]
+    return hidden
+
+
 def transplant_masks(valid, eval_dates, seed, min_fraction: float = 0.05,
                      max_fraction: float = 0.7, observed=None) -> np.ndarray:
     """Artificial gaps: real cloud masks of other dates copied onto the evaluation dates.
@@ -283,31 +331,16 @@ def transplant_masks(valid, eval_dates, seed, min_fraction: float = 0.05,
     hidden pixel. The same inputs and seed always give the same result. Raises ValueError when
     an evaluation date has no donor.
 
+    Computed as ``apply_donors(valid, transplant_donors(cloud, ...))``: the donor choice needs
+    only the cloud fractions (region-wide counts), the hiding is per cell.
+
     Returns ``hidden`` (T, H, W) bool; the method then sees ``obs`` with NaN where hidden.
     """
     valid = np.asarray(valid, dtype=bool)
     if valid.ndim != 3:
         raise ValueError(f"valid must be (T, H, W), got {valid.shape}")
-    if not 0.0 <= min_fraction <= max_fraction <= 1.0:
-        raise ValueError(f"need 0 <= min_fraction <= max_fraction <= 1, got {min_fraction}, {max_fraction}")
-    t = valid.shape[0]
-    eval_dates = [int(e) for e in np.atleast_1d(np.asarray(eval_dates, dtype=np.int64))]
-    for e in eval_dates:
-        if not -t <= e < t:
-            raise ValueError(f"evaluation date index {e} out of range for {t} dates")
-    eval_dates = [e % t for e in eval_dates]
     cloud = 1.0 - clear_fraction(valid, observed)
-    donors = np.flatnonzero((cloud >= min_fraction) & (cloud <= max_fraction))
-    rng = np.random.default_rng(seed)
-    hidden = np.zeros_like(valid)
-    for e in eval_dates:
-        choices = donors[donors != e]
-        if choices.size == 0:
-            raise ValueError(f"no donor date for evaluation date {e}: no other date has a cloud "
-                             f"fraction within [{min_fraction}, {max_fraction}]")
-        d = int(rng.choice(choices))
-        hidden[e] = ~valid[d] & valid[e]
-    return hidden
+    return apply_donors(valid, transplant_donors(cloud, eval_dates, seed, min_fraction, max_fraction))
 
 
 # --------------------------------------------------------------------------------------------

@@ -44,10 +44,26 @@ Files written by :func:`export_tiles` (read back with :func:`load_tiles`)
     per-channel mean/std/count over the *training* tiles (see :func:`channel_stats`); a
     ``<band>_prior`` channel gets the statistics of its optical band (prior and target share
     units) and ``prior_present`` mean 0, std 1.
+
+Block by block (:func:`export_block_tiles`, :func:`merge_tile_store`)
+--------------------------------------------------------------------
+A region too large for one job is tiled per spatial block (:mod:`stfuse.blocks`): each block
+writes the tiles of the *whole region's* grid and split whose origin lies in its core, from its
+read window (core + halo; a halo of at least the tile size shows it every tile touching its
+core), plus ``moments.npz`` (per date and channel count/mean/M2 over its core's training cells)
+and ``tiles.json`` (parameters, counts, the sha256 of its ``tiles.npy``). The merge writes a
+*tile store*: ``index.csv`` (the whole-region export's rows, in its order, plus ``store`` and
+``store_tile`` locating each tile in a block's ``tiles.npy``), ``clear_fraction.npy``,
+``channels.json`` (plus ``stores``) and ``stats.json`` (Chan-merged moments, equal to the
+whole-region statistics within float rounding). Tiles, index, split and clear fractions are
+exactly the whole-region export's; the tiles are never concatenated
+(:class:`stfuse.dataset.GapFillDataset` reads a store as it reads an export).
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
 import math
@@ -58,6 +74,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from stfuse.blocks import to_dict as _block_to_dict
+
 __all__ = [
     "KINDS",
     "FORMAT_VERSION",
@@ -67,6 +85,8 @@ __all__ = [
     "channel_stats",
     "prior_stats",
     "export_tiles",
+    "export_block_tiles",
+    "merge_tile_store",
     "load_tiles",
     "reassemble",
 ]
@@ -83,6 +103,11 @@ CLEAR_FILE = "clear_fraction.npy"
 CHANNELS_FILE = "channels.json"
 STATS_FILE = "stats.json"
 INDEX_COLUMNS = ("tile", "row", "col", "split", "valid_fraction")
+#: files of one block's tiles (export_block_tiles) besides tiles.npy, index.csv, clear_fraction.npy
+MOMENTS_FILE = "moments.npz"
+BLOCK_FILE = "tiles.json"
+#: columns a store's index.csv adds: the block tile directory (relative), the row in its tiles.npy
+STORE_COLUMNS = ("store", "store_tile")
 
 
 # --------------------------------------------------------------------------------------------
@@ -171,7 +196,11 @@ def _as_origins(origins) -> np.ndarray:
 
 
 def _overlapping(a: np.ndarray, b: np.ndarray, size: int, chunk: int = 2048) -> np.ndarray:
-    """For each origin in ``a``: does its footprint share a pixel with any footprint in ``b``?"""
+    """For each origin in ``a``: does its footprint share a pixel with any footprint in ``b``?
+
+    The general path (any origins): O(len(a) * len(b)), in chunks; :func:`_gap_mask` takes the
+    O(n) path for the product grids :func:`tile_origins` makes.
+    """
     out = np.zeros(len(a), dtype=bool)
     if len(a) == 0 or len(b) == 0:
         return out
@@ -181,6 +210,50 @@ def _overlapping(a: np.ndarray, b: np.ndarray, size: int, chunk: int = 2048) -> 
         dc = np.abs(part[:, None, 1] - b[None, :, 1]) < size
         out[lo:lo + chunk] = (dr & dc).any(axis=1)
     return out
+
+
+def _grid_cells(arr: np.ndarray):
+    """``(row starts, col starts, i, j)`` when ``arr`` (N, 2) holds every (row start, col start)
+    pair of its unique starts exactly once (a full product grid, in any order), else None."""
+    rows, i = np.unique(arr[:, 0], return_inverse=True)
+    cols, j = np.unique(arr[:, 1], return_inverse=True)
+    if len(rows) * len(cols) != len(arr):
+        return None
+    if np.bincount(i * len(cols) + j, minlength=len(arr)).min() != 1:
+        return None
+    return rows, cols, i.reshape(-1), j.reshape(-1)
+
+
+def _near_range(starts: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each of the sorted ``starts``: the range [lo, hi) of starts less than ``size`` away."""
+    return (np.searchsorted(starts, starts - size, side="right"),
+            np.searchsorted(starts, starts + size, side="left"))
+
+
+def _gap_mask(arr: np.ndarray, is_val: np.ndarray, size: int, fast: bool = True) -> np.ndarray:
+    """Per origin: not val, and its footprint shares a pixel with a val footprint.
+
+    On a product grid (what :func:`tile_origins` makes; ``fast=True``) in O(n): a val count
+    matrix over the grid cells, its 2-D prefix sums, and per tile one rectangle query over the
+    grid rows and columns less than ``size`` away -- ~52k tiles of a Sentinel-2 tile take
+    milliseconds. Other origins take the O(n^2) :func:`_overlapping`; both give the same answer.
+    """
+    gap = np.zeros(len(arr), dtype=bool)
+    train_idx = np.flatnonzero(~is_val)
+    grid = _grid_cells(arr) if fast and len(arr) else None
+    if grid is None:
+        gap[train_idx] = _overlapping(arr[train_idx], arr[is_val], size)
+        return gap
+    rows, cols, i, j = grid
+    counts = np.zeros((len(rows) + 1, len(cols) + 1), dtype=np.int64)
+    np.add.at(counts, (i[is_val] + 1, j[is_val] + 1), 1)
+    counts = counts.cumsum(axis=0).cumsum(axis=1)
+    (rlo, rhi), (clo, chi) = _near_range(rows, size), _near_range(cols, size)
+    ti, tj = i[train_idx], j[train_idx]
+    r0, r1, c0, c1 = rlo[ti], rhi[ti], clo[tj], chi[tj]
+    near = counts[r1, c1] - counts[r0, c1] - counts[r1, c0] + counts[r0, c0]
+    gap[train_idx] = near > 0
+    return gap
 
 
 def block_split(origins, size, block_size, val_fraction, seed) -> list[str]:
@@ -216,9 +289,7 @@ def block_split(origins, size, block_size, val_fraction, seed) -> list[str]:
     val_blocks[rng.permutation(n_blocks)[:n_val]] = True
     is_val = val_blocks[inverse]
     split = np.where(is_val, "val", "train").astype(object)
-    train_idx = np.flatnonzero(~is_val)
-    gap = _overlapping(arr[train_idx], arr[is_val], size)
-    split[train_idx[gap]] = "gap"
+    split[_gap_mask(arr, is_val, size)] = "gap"
     return [str(s) for s in split]
 
 
@@ -320,43 +391,41 @@ def _check_dates(dates, n_dates: int) -> list[dict]:
 # --------------------------------------------------------------------------------------------
 # statistics
 
-def channel_stats(cube: np.ndarray, channels, pixel_mask: np.ndarray) -> list[dict]:
-    """Per-channel mean, std (population, floored at 1e-6) and count over masked pixels.
-
-    Only (date, pixel) cells where ``pixel_mask`` (H, W) is true are used, each once; NaN is
-    ignored everywhere, and optical bands additionally ignore cells that are not clear
-    (:func:`clear_mask`). A channel without any usable cell gets mean 0, std 1 and count 0
-    (normalisation is then the identity) and a warning. Accumulated in float64, one date at a
-    time, merging per-date moments (Chan et al.), so memory stays at one (H, W) slice.
-
-    Prior channels (kind ``"prior"``) are not measured: ``<band>_prior`` gets the entry of its
-    optical band (name and kind its own, plus ``"band"``), ``prior_present`` mean 0, std 1,
-    count 0 (see :func:`prior_stats`).
-    """
+def _date_moments(date: np.ndarray, channels, measured, pixel_mask: np.ndarray):
+    """Count, mean and M2 (float64) of each ``measured`` channel of one date (C, h, w) over
+    ``pixel_mask`` (h, w): NaN ignored, optical bands only where clear. Count 0: mean 0, M2 0."""
     idx = channel_indices(channels)
-    vi, opt = idx["valid"][0], idx["optical"]
-    n_dates = cube.shape[0]
-    measured = [c for c in range(cube.shape[1]) if channels[c]["kind"] != "prior"]
+    clear_t = clear_mask(date, idx["valid"][0], idx["optical"])[pixel_mask]
     out = []
-    acc = {c: [0, 0.0, 0.0] for c in measured}  # count, mean, M2
-    for t in range(n_dates):
-        date = cube[t]
-        clear_t = clear_mask(date, vi, opt)[pixel_mask]
-        for c in measured:
-            x = date[c][pixel_mask]
-            keep = np.isfinite(x)
-            if channels[c]["kind"] == "optical":
-                keep &= clear_t
-            x = x[keep].astype(np.float64)
-            if x.size == 0:
-                continue
-            n_b, mean_b = x.size, float(x.mean())
-            m2_b = float(((x - mean_b) ** 2).sum())
-            n_a, mean_a, m2_a = acc[c]
-            n = n_a + n_b
-            delta = mean_b - mean_a
-            acc[c] = [n, mean_a + delta * n_b / n, m2_a + m2_b + delta * delta * n_a * n_b / n]
     for c in measured:
+        x = date[c][pixel_mask]
+        keep = np.isfinite(x)
+        if channels[c]["kind"] == "optical":
+            keep &= clear_t
+        x = x[keep].astype(np.float64)
+        if x.size == 0:
+            out.append((0, 0.0, 0.0))
+            continue
+        mean_b = float(x.mean())
+        out.append((int(x.size), mean_b, float(((x - mean_b) ** 2).sum())))
+    return out
+
+
+def _merge_moments(acc, n_b: int, mean_b: float, m2_b: float):
+    """Chan et al.'s merge of (count, mean, M2) ``acc`` with another part's moments."""
+    if n_b == 0:
+        return acc
+    n_a, mean_a, m2_a = acc
+    n = n_a + n_b
+    delta = mean_b - mean_a
+    return [n, mean_a + delta * n_b / n, m2_a + m2_b + delta * delta * n_a * n_b / n]
+
+
+def _stats_entries(acc: dict, channels) -> list[dict]:
+    """Statistics entries, in channel order, from the moments ``acc`` (channel -> [n, mean, M2])
+    of the measured channels; prior channels derived (:func:`prior_stats`)."""
+    out = []
+    for c in sorted(acc):
         ch = channels[c]
         n, mean, m2 = acc[c]
         if n == 0:
@@ -370,6 +439,27 @@ def channel_stats(cube: np.ndarray, channels, pixel_mask: np.ndarray) -> list[di
     derived = prior_stats(out, [ch for ch in channels if ch["kind"] == "prior"])
     by_name = {e["name"]: e for e in out + derived}
     return [by_name[ch["name"]] for ch in channels]  # channel order
+
+
+def channel_stats(cube: np.ndarray, channels, pixel_mask: np.ndarray) -> list[dict]:
+    """Per-channel mean, std (population, floored at 1e-6) and count over masked pixels.
+
+    Only (date, pixel) cells where ``pixel_mask`` (H, W) is true are used, each once; NaN is
+    ignored everywhere, and optical bands additionally ignore cells that are not clear
+    (:func:`clear_mask`). A channel without any usable cell gets mean 0, std 1 and count 0
+    (normalisation is then the identity) and a warning. Accumulated in float64, one date at a
+    time, merging per-date moments (Chan et al.), so memory stays at one (H, W) slice.
+
+    Prior channels (kind ``"prior"``) are not measured: ``<band>_prior`` gets the entry of its
+    optical band (name and kind its own, plus ``"band"``), ``prior_present`` mean 0, std 1,
+    count 0 (see :func:`prior_stats`).
+    """
+    measured = [c for c in range(cube.shape[1]) if channels[c]["kind"] != "prior"]
+    acc = {c: [0, 0.0, 0.0] for c in measured}  # count, mean, M2
+    for t in range(cube.shape[0]):
+        for c, moments in zip(measured, _date_moments(cube[t], channels, measured, pixel_mask)):
+            acc[c] = _merge_moments(acc[c], *moments)
+    return _stats_entries(acc, channels)
 
 
 def prior_stats(stats, prior_channels) -> list[dict]:
@@ -395,6 +485,170 @@ def prior_stats(stats, prior_channels) -> list[dict]:
 # --------------------------------------------------------------------------------------------
 # export / load / reassemble
 
+def _check_export_args(cube, channels, dates, prior, min_valid_fraction, region):
+    """Checked (cube float32 (T, C, H, W), channels, dates with offset_days, min_valid_fraction)."""
+    if not hasattr(cube, "shape") or not hasattr(cube, "dtype"):
+        cube = np.asarray(cube)
+    if cube.ndim != 4:
+        raise ValueError(f"cube must have 4 dimensions (T, C, H, W), got shape {cube.shape}")
+    if cube.dtype != np.float32:
+        cube = np.asarray(cube).astype(np.float32)
+    n_dates, n_channels = cube.shape[:2]
+    if n_dates < 1 or n_channels < 1:
+        raise ValueError("cube must have at least one date and one channel, "
+                         f"got shape {cube.shape}")
+    channels = _check_channels(channels, n_channels)
+    dates = _check_dates(dates, n_dates)
+    if not isinstance(prior, bool):
+        raise ValueError(f"prior must be True or False, got {prior!r}")
+    if any(ch["kind"] == "prior" for ch in channels):
+        raise ValueError("export_tiles computes the prior channels itself: pass the cube "
+                         "without them (optical, valid, SAR, static channels)")
+    min_valid_fraction = _fraction_param(min_valid_fraction, "min_valid_fraction")
+    if region is not None and not isinstance(region, dict):
+        raise ValueError(f"region must be a dict or None, got {type(region).__name__}")
+    return cube, channels, dates, min_valid_fraction
+
+
+def _extra_channels(channels, prior: bool) -> list[dict]:
+    if not prior:
+        return []
+    from stfuse.prior import prior_layout  # stfuse.prior imports this module
+
+    return prior_layout(channels)
+
+
+def _tile_clear_counts(cube, origins: np.ndarray, size: int, channels) -> np.ndarray:
+    """Clear (date, pixel) counts (N, T) int64 of the tiles at ``origins`` (N, 2) of ``cube``.
+
+    A summed-area table per date: four look-ups per tile instead of a slice count.
+    """
+    idx = channel_indices(channels)
+    vi, opt = idx["valid"][0], idx["optical"]
+    n_dates, _, height, width = cube.shape
+    r0, c0 = origins[:, 0], origins[:, 1]
+    r1, c1 = r0 + size, c0 + size
+    clear = np.zeros((len(origins), n_dates), dtype=np.int64)
+    sat = np.zeros((height + 1, width + 1), dtype=np.int64)
+    for t in range(n_dates):
+        np.cumsum(clear_mask(cube[t], vi, opt), axis=0, out=sat[1:, 1:])
+        np.cumsum(sat[1:, 1:], axis=1, out=sat[1:, 1:])
+        clear[:, t] = sat[r1, c1] - sat[r0, c1] - sat[r1, c0] + sat[r0, c0]
+    return clear
+
+
+def _no_train_tile(n_tiles, n_train_split, best, *, block_size, val_fraction, size, overlap,
+                   min_valid_fraction) -> ValueError:
+    """The error of an export (or store) without a training tile."""
+    if n_train_split == 0:
+        return ValueError(
+            f"no training tile: all {n_tiles} tiles are 'val' or 'gap' after the "
+            f"block split (block_size={block_size}, val_fraction={val_fraction}, "
+            f"size={size}, overlap={overlap}); lower val_fraction or use a larger block_size")
+    return ValueError(
+        f"no training tile left: all {n_train_split} train tiles have valid_fraction below "
+        f"min_valid_fraction={min_valid_fraction} (the clearest has {best:.4f}); lower "
+        "min_valid_fraction (or change val_fraction/seed/block_size)")
+
+
+def _write_tiles(path, cube, origins, size: int, channels, dates, prior: bool) -> tuple[str, int]:
+    """Write the tiles at ``origins`` (row-major, ``cube`` coordinates) as a float32 .npy.
+
+    The header, then the tiles one by one with plain writes: memory holds one strip of rows (only
+    the columns its tiles cover) and its prior, not the cube's prior or the written tiles. The
+    prior of a pixel depends only on its own time series, so a strip's prior is that strip of the
+    whole cube's prior, bit for bit (stfuse.prior.temporal_prior): tile bytes do not depend on
+    the window the cube covers. Returns (sha256 hex of the file, computed while writing; bytes).
+    """
+    n_dates, n_channels = cube.shape[:2]
+    n_extra = len(_extra_channels(channels, prior))
+    if prior:
+        from stfuse.prior import prior_channels  # stfuse.prior imports this module
+    shape = (len(origins), n_dates, n_channels + n_extra, size, size)
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(head, {"descr": np.lib.format.dtype_to_descr(
+        np.dtype(np.float32)), "fortran_order": False, "shape": shape})
+    digest = hashlib.sha256(head.getvalue())
+    buf = np.empty(shape[1:], dtype=np.float32)
+    origins = np.asarray(origins, dtype=np.int64).reshape(-1, 2)
+    starts = np.flatnonzero(np.r_[True, origins[1:, 0] != origins[:-1, 0]]) if len(origins) else []
+    with open(path, "wb") as fh:
+        fh.write(head.getvalue())
+        for lo, hi in zip(starts, list(starts[1:]) + [len(origins)]):
+            r, cmin, cmax = origins[lo, 0], origins[lo:hi, 1].min(), origins[lo:hi, 1].max() + size
+            strip = np.ascontiguousarray(cube[:, :, r:r + size, cmin:cmax])
+            extra = prior_channels(strip, channels, dates)[0] if prior else None
+            for c in origins[lo:hi, 1] - cmin:
+                buf[:, :n_channels] = strip[:, :, :, c:c + size]
+                if prior:
+                    buf[:, n_channels:] = extra[:, :, :, c:c + size]
+                data = memoryview(buf).cast("B")
+                fh.write(data)
+                digest.update(data)
+            del strip, extra
+    return digest.hexdigest(), len(head.getvalue()) + buf.nbytes * len(origins)
+
+
+def _index_frame(origins, split, valid_fraction) -> pd.DataFrame:
+    origins = np.asarray(origins, dtype=np.int64).reshape(-1, 2)
+    return pd.DataFrame({
+        "tile": np.arange(len(origins), dtype=np.int64),
+        "row": origins[:, 0].copy(), "col": origins[:, 1].copy(),
+        "split": np.asarray(split).astype(str),
+        "valid_fraction": np.asarray(valid_fraction, dtype=np.float64),
+    })
+
+
+def _export_meta(all_channels, dates, *, size, overlap, height, width, prior, block_size,
+                 val_fraction, seed, min_valid_fraction, n_train, n_val, region) -> dict:
+    """The ``channels.json`` document (of an export or of a store)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "channels": list(all_channels),
+        "dates": dates,
+        "size": int(size),
+        "overlap": int(overlap),
+        "shape": {"dates": len(dates), "channels": len(all_channels), "height": int(height),
+                  "width": int(width)},
+        "prior": bool(prior),
+        "split": {"block_size": int(block_size), "val_fraction": float(val_fraction),
+                  "seed": _jsonable(seed), "min_valid_fraction": float(min_valid_fraction)},
+        "n_tiles": {"train": int(n_train), "val": int(n_val)},
+        "region": _jsonable(region) if region is not None else None,
+    }
+
+
+def _stats_doc(n_train: int, n_pixels: int, entries: list[dict]) -> dict:
+    """The ``stats.json`` document."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "computed_on": "train",
+        "n_tiles": int(n_train),
+        "n_pixels": int(n_pixels),
+        "std_floor": STD_FLOOR,
+        "note": ("each pixel of the union of train tile footprints counted once per date; "
+                 "NaN ignored; optical bands only where valid == 1 and all bands finite; "
+                 "<band>_prior channels: the statistics of their band"),
+        "channels": entries,
+    }
+
+
+def _write_json(path, doc) -> None:
+    Path(path).write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
+
+
+def _publish(tmp: dict, out: Path) -> None:
+    """Move the temporary files into place (after every one of them was written)."""
+    for name, path in tmp.items():
+        os.replace(path, out / name)
+
+
+def _cleanup(tmp: dict) -> None:
+    for path in tmp.values():
+        if path.exists():
+            path.unlink()
+
+
 def export_tiles(cube, channels, dates, out_dir, *, size, overlap, min_valid_fraction,
                  block_size, val_fraction, seed, region: dict | None = None,
                  prior: bool = True) -> dict:
@@ -414,43 +668,13 @@ def export_tiles(cube, channels, dates, out_dir, *, size, overlap, min_valid_fra
     Returns a summary: ``{"n_tiles", "n_train", "n_val", "n_gap", "n_low_valid", "splits",
     "bytes_written", "tiles_shape", "files"}``.
     """
-    cube = np.asarray(cube)
-    if cube.ndim != 4:
-        raise ValueError(f"cube must have 4 dimensions (T, C, H, W), got shape {cube.shape}")
-    if cube.dtype != np.float32:
-        cube = cube.astype(np.float32)
+    cube, channels, dates, min_valid_fraction = _check_export_args(
+        cube, channels, dates, prior, min_valid_fraction, region)
     n_dates, n_channels, height, width = cube.shape
-    if n_dates < 1 or n_channels < 1:
-        raise ValueError("cube must have at least one date and one channel, "
-                         f"got shape {cube.shape}")
-    channels = _check_channels(channels, n_channels)
-    dates = _check_dates(dates, n_dates)
-    if not isinstance(prior, bool):
-        raise ValueError(f"prior must be True or False, got {prior!r}")
-    if any(ch["kind"] == "prior" for ch in channels):
-        raise ValueError("export_tiles computes the prior channels itself: pass the cube "
-                         "without them (optical, valid, SAR, static channels)")
-    min_valid_fraction = _fraction_param(min_valid_fraction, "min_valid_fraction")
-    if region is not None and not isinstance(region, dict):
-        raise ValueError(f"region must be a dict or None, got {type(region).__name__}")
-    origins = tile_origins(height, width, size, overlap)
+    origins = np.asarray(tile_origins(height, width, size, overlap), dtype=np.int64)
     size, overlap = int(size), int(overlap)
     split = np.asarray(block_split(origins, size, block_size, val_fraction, seed), dtype=object)
-    idx = channel_indices(channels)
-    vi, opt = idx["valid"][0], idx["optical"]
-
-    # clear (date, pixel) counts per tile, from a per-date clear map
-    # (summed-area table per date: four look-ups per tile instead of a slice count)
-    orig = np.asarray(origins, dtype=np.int64)
-    r0, c0 = orig[:, 0], orig[:, 1]
-    r1, c1 = r0 + size, c0 + size
-    clear = np.zeros((len(origins), n_dates), dtype=np.int64)
-    sat = np.zeros((height + 1, width + 1), dtype=np.int64)
-    for t in range(n_dates):
-        np.cumsum(clear_mask(cube[t], vi, opt), axis=0, out=sat[1:, 1:])
-        np.cumsum(sat[1:, 1:], axis=1, out=sat[1:, 1:])
-        clear[:, t] = sat[r1, c1] - sat[r0, c1] - sat[r1, c0] + sat[r0, c0]
-    clear_frac = clear / float(size * size)
+    clear_frac = _tile_clear_counts(cube, origins, size, channels) / float(size * size)
     valid_fraction = clear_frac.mean(axis=1)
 
     low = valid_fraction < min_valid_fraction
@@ -461,110 +685,38 @@ def export_tiles(cube, channels, dates, out_dir, *, size, overlap, min_valid_fra
     if n_train == 0:
         n_train_split = int((split == "train").sum())
         best = float(valid_fraction[split == "train"].max()) if n_train_split else float("nan")
-        if n_train_split == 0:
-            raise ValueError(
-                f"no training tile: all {len(origins)} tiles are 'val' or 'gap' after the "
-                f"block split (block_size={block_size}, val_fraction={val_fraction}, "
-                f"size={size}, overlap={overlap}); lower val_fraction or use a larger block_size")
-        raise ValueError(
-            f"no training tile left: all {n_train_split} train tiles have valid_fraction below "
-            f"min_valid_fraction={min_valid_fraction} (the clearest has {best:.4f}); lower "
-            "min_valid_fraction (or change val_fraction/seed/block_size)")
+        raise _no_train_tile(len(origins), n_train_split, best, block_size=block_size,
+                             val_fraction=val_fraction, size=size, overlap=overlap,
+                             min_valid_fraction=min_valid_fraction)
     if n_val == 0 and float(val_fraction) > 0:
         logger.warning("export_tiles: no validation tile written (val_fraction=%s, block_size=%s, "
                        "min_valid_fraction=%s)", val_fraction, block_size, min_valid_fraction)
-
-    if prior:
-        from stfuse.prior import prior_channels, prior_layout  # stfuse.prior imports this module
-
-        extra_channels = prior_layout(channels)
-    else:
-        extra_channels = []
-    n_total = n_channels + len(extra_channels)
+    extra_channels = _extra_channels(channels, prior)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     kept = np.flatnonzero(keep)
-    kept_origins = [origins[k] for k in kept]
     tmp = {name: out / f".{name}.partial" for name in
            (TILES_FILE, INDEX_FILE, CLEAR_FILE, CHANNELS_FILE, STATS_FILE)}
     try:
-        # header (and file size) as open_memmap writes them, then the tiles one by one with plain
-        # writes: memory holds one strip of rows (and its prior), not the cube's prior or the
-        # written tiles. The prior of a pixel depends only on its own time series, so a strip's
-        # prior is that strip of the whole cube's prior, bit for bit (stfuse.prior.temporal_prior).
-        mm = np.lib.format.open_memmap(tmp[TILES_FILE], mode="w+", dtype=np.float32,
-                                       shape=(len(kept), n_dates, n_total, size, size))
-        offset = mm.offset
-        del mm
-        buf = np.empty((n_dates, n_total, size, size), dtype=np.float32)
-        strip_row, strip, extra = None, None, None
-        with open(tmp[TILES_FILE], "r+b") as fh:
-            fh.seek(offset)
-            for r, c in kept_origins:
-                if r != strip_row:
-                    strip_row = r
-                    strip = np.ascontiguousarray(cube[:, :, r:r + size, :])
-                    if prior:
-                        extra = prior_channels(strip, channels, dates)[0]
-                buf[:, :n_channels] = strip[:, :, :, c:c + size]
-                if prior:
-                    buf[:, n_channels:] = extra[:, :, :, c:c + size]
-                fh.write(memoryview(buf).cast("B"))
-            del strip, extra
-
-        index = pd.DataFrame({
-            "tile": np.arange(len(kept), dtype=np.int64),
-            "row": np.array([o[0] for o in kept_origins], dtype=np.int64),
-            "col": np.array([o[1] for o in kept_origins], dtype=np.int64),
-            "split": split[kept].astype(str),
-            "valid_fraction": valid_fraction[kept],
-        })
-        index.to_csv(tmp[INDEX_FILE], index=False, lineterminator="\n")
+        _write_tiles(tmp[TILES_FILE], cube, origins[kept], size, channels, dates, prior)
+        _index_frame(origins[kept], split[kept], valid_fraction[kept]).to_csv(
+            tmp[INDEX_FILE], index=False, lineterminator="\n")
         with open(tmp[CLEAR_FILE], "wb") as fh:
             np.save(fh, clear_frac[kept].astype(np.float32))
-
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "channels": channels + extra_channels,
-            "dates": dates,
-            "size": size,
-            "overlap": overlap,
-            "shape": {"dates": n_dates, "channels": n_total, "height": height, "width": width},
-            "prior": bool(prior),
-            "split": {"block_size": int(block_size), "val_fraction": float(val_fraction),
-                      "seed": _jsonable(seed), "min_valid_fraction": min_valid_fraction},
-            "n_tiles": {"train": n_train, "val": n_val},
-            "region": _jsonable(region) if region is not None else None,
-        }
-        tmp[CHANNELS_FILE].write_text(json.dumps(meta, indent=2, allow_nan=False) + "\n")
-
+        _write_json(tmp[CHANNELS_FILE], _export_meta(
+            channels + extra_channels, dates, size=size, overlap=overlap, height=height,
+            width=width, prior=prior, block_size=block_size, val_fraction=val_fraction, seed=seed,
+            min_valid_fraction=min_valid_fraction, n_train=n_train, n_val=n_val, region=region))
         train_mask = np.zeros((height, width), dtype=bool)
-        for k in kept:
-            if split[k] == "train":
-                r, c = origins[k]
-                train_mask[r:r + size, c:c + size] = True
-        stats = {
-            "format_version": FORMAT_VERSION,
-            "computed_on": "train",
-            "n_tiles": n_train,
-            "n_pixels": int(train_mask.sum()),
-            "std_floor": STD_FLOOR,
-            "note": ("each pixel of the union of train tile footprints counted once per date; "
-                     "NaN ignored; optical bands only where valid == 1 and all bands finite; "
-                     "<band>_prior channels: the statistics of their band"),
-            "channels": [],
-        }
+        for r, c in origins[kept[split[kept] == "train"]]:
+            train_mask[r:r + size, c:c + size] = True
         base_stats = channel_stats(cube, channels, train_mask)
-        stats["channels"] = base_stats + prior_stats(base_stats, extra_channels)
-        tmp[STATS_FILE].write_text(json.dumps(stats, indent=2, allow_nan=False) + "\n")
-
-        for name, path in tmp.items():
-            os.replace(path, out / name)
+        _write_json(tmp[STATS_FILE], _stats_doc(n_train, int(train_mask.sum()), base_stats
+                                                + prior_stats(base_stats, extra_channels)))
+        _publish(tmp, out)
     finally:
-        for path in tmp.values():
-            if path.exists():
-                path.unlink()
+        _cleanup(tmp)
 
     files = {name: str(out / name) for name in tmp}
     bytes_written = sum((out / name).stat().st_size for name in tmp)
@@ -576,12 +728,321 @@ def export_tiles(cube, channels, dates, out_dir, *, size, overlap, min_valid_fra
         "n_low_valid": n_low,
         "splits": {"train": n_train, "val": n_val},
         "bytes_written": int(bytes_written),
-        "tiles_shape": [int(len(kept)), n_dates, n_total, size, size],
+        "tiles_shape": [int(len(kept)), n_dates, n_channels + len(extra_channels), size, size],
         "files": files,
     }
     logger.info("export_tiles: %d tiles (%d train, %d val; dropped %d gap, %d below "
                 "min_valid_fraction) -> %s, %.1f MB", len(kept), n_train, n_val, n_gap, n_low,
                 out, bytes_written / 1e6)
+    return summary
+
+
+# --------------------------------------------------------------------------------------------
+# block by block: per-block tile files, merged into a store
+
+def _check_block_window(block, cube_shape, region_rows: int, region_cols: int, size: int) -> None:
+    """ValueError unless ``block``'s read window (the cube) holds every tile touching its core.
+
+    That needs a halo of at least ``size`` cells on every side not at the region's edge, the rule
+    of :func:`stfuse.blocks.halo_for`.
+    """
+    if tuple(cube_shape[2:]) != (block.read_rows, block.read_cols):
+        raise ValueError(f"block {block.id}: the cube is {cube_shape[2]} x {cube_shape[3]} cells, "
+                         f"its read window {block.read_rows} x {block.read_cols}")
+    read_r1, read_c1 = block.read_row0 + block.read_rows, block.read_col0 + block.read_cols
+    core_r1, core_c1 = block.row0 + block.rows, block.col0 + block.cols
+    if min(block.read_row0, block.read_col0) < 0 or read_r1 > region_rows or read_c1 > region_cols \
+            or not (block.read_row0 <= block.row0 and block.read_col0 <= block.col0
+                    and core_r1 <= read_r1 and core_c1 <= read_c1):
+        raise ValueError(f"block {block.id}: its core and read window do not fit the "
+                         f"{region_rows} x {region_cols} region")
+    margins = {"north": (block.row0 - block.read_row0, block.read_row0 == 0),
+               "south": (read_r1 - core_r1, read_r1 == region_rows),
+               "west": (block.col0 - block.read_col0, block.read_col0 == 0),
+               "east": (read_c1 - core_c1, read_c1 == region_cols)}
+    short = {side: m for side, (m, edge) in margins.items() if not edge and m < size}
+    if short:
+        sides = ", ".join(f"{m} cells {side}" for side, m in short.items())
+        raise ValueError(f"block {block.id}: its halo ({sides}) is smaller than the tile size "
+                         f"{size}, so it does not see every training tile touching its core; "
+                         "config key blocks.halo must be at least tiles.size (leave it null)")
+
+
+def _core_tiles(origins: np.ndarray, block, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (ascending) of the tiles whose footprint touches ``block``'s core, and which of
+    them the block owns (origin in its core)."""
+    r, c = origins[:, 0], origins[:, 1]
+    r1, c1 = block.row0 + block.rows, block.col0 + block.cols
+    touch = np.flatnonzero((r > block.row0 - size) & (r < r1) & (c > block.col0 - size) & (c < c1))
+    rt, ct = r[touch], c[touch]
+    owned = (rt >= block.row0) & (ct >= block.col0)
+    return touch, owned
+
+
+def _block_moments(cube, channels, block, mask: np.ndarray) -> dict:
+    """Per (date, channel) count/mean/M2 over the core cells where ``mask`` (core) is set, as
+    :func:`channel_stats` accumulates them (its per-date moments, cut to the block's core)."""
+    measured = [c for c in range(cube.shape[1]) if channels[c]["kind"] != "prior"]
+    shape = (cube.shape[0], len(measured))
+    count, mean, m2 = np.zeros(shape, np.int64), np.zeros(shape), np.zeros(shape)
+    rs = slice(block.core_row_offset, block.core_row_offset + block.rows)
+    cs = slice(block.core_col_offset, block.core_col_offset + block.cols)
+    for t in range(cube.shape[0]):
+        date = np.asarray(cube[t, :, rs, cs])
+        for k, (n, mu, q) in enumerate(_date_moments(date, channels, measured, mask)):
+            count[t, k], mean[t, k], m2[t, k] = n, mu, q
+    names = np.array([channels[c]["name"] for c in measured], dtype=str)
+    return {"count": count, "mean": mean, "m2": m2, "channels": names}
+
+
+def _block_counts(owned, keep, split, low, valid_fraction) -> dict:
+    """What a block's owned tiles add to the store's counts (and its "no training tile" error)."""
+    train_split = owned & (split == "train")
+    return {
+        "n_owned": int(owned.sum()),
+        "n_tiles": int((owned & keep).sum()),
+        "n_train": int((owned & keep & (split == "train")).sum()),
+        "n_val": int((owned & keep & (split == "val")).sum()),
+        "n_gap": int((owned & (split == "gap")).sum()),
+        "n_low_valid": int((owned & (split != "gap") & low).sum()),
+        "n_train_split": int(train_split.sum()),
+        "best_train_valid_fraction": float(valid_fraction[train_split].max())
+        if train_split.any() else None,
+    }
+
+
+def export_block_tiles(cube, channels, dates, block, region_rows, region_cols, out_dir, *, size,
+                       overlap, min_valid_fraction, block_size, val_fraction, seed,
+                       region: dict | None = None, prior: bool = True) -> dict:
+    """The training tiles of one spatial block, exactly as :func:`export_tiles` on the whole
+    region would write them; :func:`merge_tile_store` joins the blocks into a store.
+
+    ``cube`` is the block's read-window cube (T, C, read_rows, read_cols), hidden cells already
+    applied. The grid and split are the whole region's (:func:`tile_origins`,
+    :func:`block_split`); the block owns the tiles whose origin lies in its core. Files:
+    ``tiles.npy`` (owned kept tiles, row-major, same bytes as export_tiles), ``index.csv``
+    (``tile`` = row in this tiles.npy, ``row``/``col`` in region cells), ``clear_fraction.npy``,
+    ``moments.npz`` (per date and channel count/mean/M2 over the core cells covered by a kept
+    train tile of the whole grid, owned or not) and ``tiles.json`` (parameters, counts, the
+    sha256 of tiles.npy). A block may own no tile (an empty tiles.npy). Returns tiles.json's dict.
+    """
+    cube, channels, dates, min_valid_fraction = _check_export_args(
+        cube, channels, dates, prior, min_valid_fraction, region)
+    region_rows = _int_param(region_rows, "region_rows", 1)
+    region_cols = _int_param(region_cols, "region_cols", 1)
+    origins = np.asarray(tile_origins(region_rows, region_cols, size, overlap), dtype=np.int64)
+    size, overlap = int(size), int(overlap)
+    _check_block_window(block, cube.shape, region_rows, region_cols, size)
+    split = np.asarray(block_split(origins, size, block_size, val_fraction, seed), dtype=object)
+    touch, owned = _core_tiles(origins, block, size)
+    local = origins[touch] - np.array([block.read_row0, block.read_col0])
+    if len(local) and (local.min() < 0 or (local[:, 0] + size).max() > block.read_rows
+                       or (local[:, 1] + size).max() > block.read_cols):
+        raise ValueError(f"block {block.id}: a tile touching its core leaves its read window")
+    clear_frac = _tile_clear_counts(cube, local, size, channels) / float(size * size)
+    valid_fraction = clear_frac.mean(axis=1)
+    split, low = split[touch], valid_fraction < min_valid_fraction
+    keep = (split != "gap") & ~low
+    mask = np.zeros((block.rows, block.cols), dtype=bool)
+    for r, c in origins[touch[keep & (split == "train")]] - np.array([block.row0, block.col0]):
+        mask[max(r, 0):max(r + size, 0), max(c, 0):max(c + size, 0)] = True
+    mine = np.flatnonzero(owned & keep)
+    doc = {"format_version": FORMAT_VERSION, "kind": "block_tiles", "block": _block_to_dict(block),
+           "region_shape": {"rows": region_rows, "cols": region_cols},
+           "channels": channels + _extra_channels(channels, prior),
+           "dates": dates, "size": size, "overlap": overlap, "prior": bool(prior),
+           "split": _split_params(block_size, val_fraction, seed, min_valid_fraction),
+           "region": _jsonable(region) if region is not None else None,
+           "counts": dict(_block_counts(owned, keep, split, low, valid_fraction),
+                          n_pixels=int(mask.sum()))}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = {name: out / f".{name}.partial" for name in
+           (TILES_FILE, INDEX_FILE, CLEAR_FILE, MOMENTS_FILE, BLOCK_FILE)}  # tiles.json last
+    try:
+        digest, nbytes = _write_tiles(tmp[TILES_FILE], cube, local[mine], size, channels, dates,
+                                      prior)
+        _index_frame(origins[touch[mine]], split[mine], valid_fraction[mine]).to_csv(
+            tmp[INDEX_FILE], index=False, lineterminator="\n")
+        with open(tmp[CLEAR_FILE], "wb") as fh:
+            np.save(fh, clear_frac[mine].astype(np.float32))
+        with open(tmp[MOMENTS_FILE], "wb") as fh:
+            np.savez(fh, **_block_moments(cube, channels, block, mask))
+        doc.update(sha256=f"sha256:{digest}", bytes=int(nbytes),
+                   tiles_shape=[len(mine), len(dates), len(doc["channels"]), size, size])
+        _write_json(tmp[BLOCK_FILE], doc)
+        _publish(tmp, out)
+    finally:
+        _cleanup(tmp)
+    return doc
+
+
+def _split_params(block_size, val_fraction, seed, min_valid_fraction) -> dict:
+    return {"block_size": int(block_size), "val_fraction": float(val_fraction),
+            "seed": _jsonable(seed), "min_valid_fraction": float(min_valid_fraction)}
+
+
+def _read_block_parts(block_tile_dirs) -> list[tuple[Path, dict]]:
+    """(directory, tiles.json) of every block, in plan order (core origin, row-major)."""
+    parts = []
+    for d in block_tile_dirs:
+        path = Path(d) / BLOCK_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing; is {d} an export_block_tiles directory?")
+        parts.append((Path(d), json.loads(path.read_text())))
+    if not parts:
+        raise ValueError("merge_tile_store: no block tile directory given")
+    ids = [doc["block"]["id"] for _, doc in parts]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"merge_tile_store: a block is given twice ({sorted(ids)})")
+    return sorted(parts, key=lambda p: (p[1]["block"]["row0"], p[1]["block"]["col0"]))
+
+
+def _check_parts(parts, want: dict) -> None:
+    """ValueError unless every block was exported with the store's parameters and layout."""
+    first = parts[0][1]
+    ref = dict(want, channels=first["channels"], dates=first["dates"])
+    for d, doc in parts:
+        diff = [k for k in ref if doc.get(k) != ref[k]]
+        if diff:
+            shown = {k: (doc.get(k), ref[k]) for k in diff if k not in ("channels", "dates")}
+            raise ValueError(f"{d}: block {doc['block']['id']} was exported with other "
+                             f"{', '.join(diff)} than the store's (block, store: {shown}); "
+                             "export it again")
+
+
+def _check_cover(parts, rows: int, cols: int, n_grid: int) -> None:
+    """ValueError unless the blocks' cores partition the region and own every tile of its grid."""
+    b = np.array([[p[1]["block"][k] for k in ("row0", "col0", "rows", "cols")] for p in parts],
+                 dtype=np.int64)
+    r0, c0, r1, c1 = b[:, 0], b[:, 1], b[:, 0] + b[:, 2], b[:, 1] + b[:, 3]
+    area = int((b[:, 2] * b[:, 3]).sum())
+    overlap = False
+    for lo in range(0, len(b), 512):
+        s = slice(lo, lo + 512)
+        hit = (r0[s, None] < r1[None]) & (r0[None] < r1[s, None]) \
+            & (c0[s, None] < c1[None]) & (c0[None] < c1[s, None])
+        hit[np.arange(hit.shape[0]), np.arange(lo, lo + hit.shape[0])] = False
+        overlap |= bool(hit.any())
+    owned = sum(int(p[1]["counts"]["n_owned"]) for p in parts)
+    if overlap or area != rows * cols or owned != n_grid or r0.min() < 0 or c0.min() < 0 \
+            or r1.max() > rows or c1.max() > cols:
+        raise ValueError(f"merge_tile_store: the {len(parts)} blocks' cores do not partition the "
+                         f"{rows} x {cols} region (cores cover {area} cells, own {owned} of its "
+                         f"{n_grid} tiles); a block is missing or from another plan")
+
+
+def _merged_index(parts, out: Path) -> tuple[pd.DataFrame, np.ndarray]:
+    """The store's index (global ``tile`` in (row, col) order, ``store``, ``store_tile``) and
+    clear fractions, from the blocks' small files."""
+    frames, clears = [], []
+    for d, doc in parts:
+        # valid_fraction kept as its text: written back exactly as the block wrote it
+        frame = pd.read_csv(d / INDEX_FILE, dtype={"tile": np.int64, "row": np.int64,
+                                                   "col": np.int64, "split": str,
+                                                   "valid_fraction": str}, keep_default_na=False)
+        clear = np.load(d / CLEAR_FILE)
+        if len(frame) != doc["counts"]["n_tiles"] or clear.shape != (len(frame), len(doc["dates"])):
+            raise ValueError(f"{d}: index.csv ({len(frame)} rows), clear_fraction.npy "
+                             f"{clear.shape} and tiles.json ({doc['counts']['n_tiles']} tiles) "
+                             "disagree")
+        frame["store"] = os.path.relpath(d, out)
+        frame["store_tile"] = frame["tile"]
+        frames.append(frame)
+        clears.append(clear)
+    index = pd.concat(frames, ignore_index=True)
+    clear = np.concatenate(clears, axis=0)
+    order = np.lexsort((index["col"].to_numpy(), index["row"].to_numpy()))
+    index, clear = index.iloc[order].reset_index(drop=True), clear[order]
+    if index.duplicated(["row", "col"]).any():
+        raise ValueError("merge_tile_store: two blocks hold the same tile (overlapping cores)")
+    index["tile"] = np.arange(len(index), dtype=np.int64)
+    return index[list(INDEX_COLUMNS) + list(STORE_COLUMNS)], clear
+
+
+def _merged_moments(parts, channels) -> dict:
+    """Chan merge of the blocks' moments in a fixed order: date by date, within a date block by
+    block in plan order (so the result does not depend on the order the blocks are given)."""
+    measured = [c for c in range(len(channels)) if channels[c]["kind"] != "prior"]
+    names = [channels[c]["name"] for c in measured]
+    moments = []
+    for d, _ in parts:
+        with np.load(d / MOMENTS_FILE) as m:
+            if list(m["channels"]) != names:
+                raise ValueError(f"{d}: moments.npz channels {list(m['channels'])}, "
+                                 f"expected {names}")
+            moments.append((m["count"], m["mean"], m["m2"]))
+    acc = {c: [0, 0.0, 0.0] for c in measured}
+    for t in range(len(parts[0][1]["dates"])):
+        for count, mean, m2 in moments:
+            for k, c in enumerate(measured):
+                acc[c] = _merge_moments(acc[c], int(count[t, k]), float(mean[t, k]),
+                                        float(m2[t, k]))
+    return acc
+
+
+def merge_tile_store(block_tile_dirs, out_dir, *, size, overlap, min_valid_fraction, block_size,
+                     val_fraction, seed, region: dict | None = None, prior: bool = True) -> dict:
+    """Join the :func:`export_block_tiles` directories of a region's blocks into a tile store.
+
+    Writes to ``out_dir`` what :func:`export_tiles` on the whole region writes, but for
+    ``tiles.npy``: ``index.csv`` (the same rows in the same order, plus ``store``: the block's
+    tile directory relative to ``out_dir``, and ``store_tile``: the row in its tiles.npy),
+    ``clear_fraction.npy``, ``channels.json`` (plus ``stores``, in plan order) and ``stats.json``
+    (from the blocks' moments). The tile parameters must be the blocks' (ValueError otherwise),
+    the blocks' cores must partition the region; ``region`` None: the blocks'. Reads only the
+    small files, never a tiles.npy. Raises export_tiles' ValueError without any training tile.
+    """
+    out = Path(out_dir)
+    parts = _read_block_parts(block_tile_dirs)
+    want = {"size": int(size), "overlap": int(overlap), "prior": bool(prior),
+            "split": _split_params(block_size, val_fraction, seed, min_valid_fraction)}
+    _check_parts(parts, want)
+    first = parts[0][1]
+    rows, cols = first["region_shape"]["rows"], first["region_shape"]["cols"]
+    n_grid = len(tile_origins(rows, cols, size, overlap))
+    _check_cover(parts, rows, cols, n_grid)
+    total = {k: sum(p[1]["counts"][k] for p in parts) for k in
+             ("n_tiles", "n_train", "n_val", "n_gap", "n_low_valid", "n_train_split", "n_pixels")}
+    if total["n_train"] == 0:
+        best = max((p[1]["counts"]["best_train_valid_fraction"] for p in parts
+                    if p[1]["counts"]["best_train_valid_fraction"] is not None), default=math.nan)
+        raise _no_train_tile(n_grid, total["n_train_split"], best, block_size=block_size,
+                             val_fraction=val_fraction, size=size, overlap=overlap,
+                             min_valid_fraction=min_valid_fraction)
+    if total["n_val"] == 0 and float(val_fraction) > 0:
+        logger.warning("merge_tile_store: no validation tile (val_fraction=%s, block_size=%s, "
+                       "min_valid_fraction=%s)", val_fraction, block_size, min_valid_fraction)
+    index, clear = _merged_index(parts, out)
+    channels = first["channels"]
+    base = [ch for ch in channels if ch["kind"] != "prior"]
+    entries = _stats_entries(_merged_moments(parts, channels), base)
+    entries += prior_stats(entries, [ch for ch in channels if ch["kind"] == "prior"])
+    meta = _export_meta(channels, first["dates"], size=size, overlap=overlap, height=rows,
+                        width=cols, prior=prior, block_size=block_size, val_fraction=val_fraction,
+                        seed=seed, min_valid_fraction=min_valid_fraction, n_train=total["n_train"],
+                        n_val=total["n_val"],
+                        region=region if region is not None else first["region"])
+    meta["stores"] = [os.path.relpath(d, out) for d, _ in parts]
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = {name: out / f".{name}.partial" for name in
+           (INDEX_FILE, CLEAR_FILE, CHANNELS_FILE, STATS_FILE)}
+    try:
+        index.to_csv(tmp[INDEX_FILE], index=False, lineterminator="\n")
+        with open(tmp[CLEAR_FILE], "wb") as fh:
+            np.save(fh, clear.astype(np.float32))
+        _write_json(tmp[CHANNELS_FILE], meta)
+        _write_json(tmp[STATS_FILE], _stats_doc(total["n_train"], total["n_pixels"], entries))
+        _publish(tmp, out)
+    finally:
+        _cleanup(tmp)
+    summary = {k: int(total[k]) for k in ("n_tiles", "n_train", "n_val", "n_gap", "n_low_valid")}
+    summary.update(splits={"train": summary["n_train"], "val": summary["n_val"]},
+                   n_stores=len(parts), tiles_shape=[summary["n_tiles"], len(first["dates"]),
+                                                     len(channels), int(size), int(size)],
+                   files={name: str(out / name) for name in tmp})
+    logger.info("merge_tile_store: %d tiles (%d train, %d val) in %d blocks -> %s",
+                summary["n_tiles"], summary["n_train"], summary["n_val"], len(parts), out)
     return summary
 
 

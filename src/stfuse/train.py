@@ -44,7 +44,13 @@ run resumes only when the fingerprint matches; otherwise (other data, other sett
 starts afresh, removing the stale outputs. A rerun of a finished run trains nothing but
 rewrites any missing ``model.pt``, ``history.csv`` and ``loss.png``, so a workflow manager that
 deleted them before the rerun finds them again. Hashing reads the export once per call (about
-a second per GB).
+a second per GB). A tile store (:func:`stfuse.tiles.merge_tile_store`) is fingerprinted by its
+small files and the SHA-256 each block recorded of its ``tiles.npy`` while writing it (its
+``tiles.json``): the big files are never read again.
+
+Bounded epochs: with ``samples_per_epoch`` each epoch trains on that many samples drawn from
+``(seed, epoch)`` (a resume-relevant setting: it changes what every epoch sees), and
+validation on at most as many, drawn once.
 
 Residual on the temporal prior: when the export holds the prior channels
 (:mod:`stfuse.prior`), the model is by default (``residual="auto"``) wrapped in
@@ -109,12 +115,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 import stfuse
 from stfuse.dataset import DT_SCALE_DAYS, GapFillDataset
 from stfuse.models import ResidualOnPrior, build_model, size_multiple, zero_init_output
-from stfuse.tiles import CHANNELS_FILE, CLEAR_FILE, INDEX_FILE, STATS_FILE, TILES_FILE
+from stfuse.tiles import BLOCK_FILE, CHANNELS_FILE, CLEAR_FILE, INDEX_FILE, STATS_FILE, TILES_FILE
 
 __all__ = ["train", "load_checkpoint", "check_channels", "model_from_checkpoint", "build_network",
            "resolve_device", "torch_threads", "fingerprint", "atomic_write", "CHECKPOINT_FORMAT"]
@@ -136,11 +142,13 @@ OUTPUT_FILES = (MODEL_FILE, LAST_FILE, HISTORY_FILE, PLOT_FILE)
 #: settings that must match for ``resume=True`` to continue a run (checked by name in the
 #: message; the fingerprint compares every setting of ``config`` but RESUME_FREE_KEYS)
 RESUME_KEYS = ("model", "model_params", "batch_size", "lr", "k_neighbours",
-               "extra_mask_fraction", "seed")
+               "extra_mask_fraction", "seed", "samples_per_epoch")
 #: settings of ``config`` that do not change the result: they may differ when resuming
 RESUME_FREE_KEYS = ("tiles_dir", "epochs", "patience", "max_minutes", "num_workers")
 #: the export's files that training reads: their contents go into the resume fingerprint
 DATA_FILES = (TILES_FILE, INDEX_FILE, CLEAR_FILE, CHANNELS_FILE, STATS_FILE)
+#: a tile store's own files (its tiles stay in the blocks' tiles.npy: stfuse.tiles.merge_tile_store)
+STORE_FILES = (INDEX_FILE, CLEAR_FILE, CHANNELS_FILE, STATS_FILE)
 HASH_CHUNK = 1 << 22  # 4 MiB
 VAL_MASK_FRACTION = 1.0
 
@@ -215,11 +223,33 @@ def _file_digest(path: Path) -> str:
     return f"sha256:{digest.hexdigest()}"
 
 
+def _store_digests(tiles_dir: Path, stores: list) -> dict:
+    """A tile store's data digests: its small files hashed, and each block's tiles.npy by the
+    sha256 its block export recorded while writing it (tiles.json) -- the big files are never
+    read again, so resuming a run on a whole Sentinel-2 tile costs no extra pass over its tiles."""
+    data = {name: _file_digest(tiles_dir / name) for name in STORE_FILES}
+    for rel in stores:
+        doc_path = tiles_dir / rel / BLOCK_FILE
+        if not doc_path.is_file():
+            raise FileNotFoundError(f"{doc_path} is missing: the block tiles of store {tiles_dir} "
+                                    f"({rel}) are gone")
+        data[f"{rel}/{TILES_FILE}"] = str(json.loads(doc_path.read_text())["sha256"])
+    return data
+
+
 def fingerprint(tiles_dir, config: dict) -> dict:
-    """What a run depends on: ``data`` (DATA_FILES of ``tiles_dir`` -> content hash) and
-    ``config`` (the settings of ``config`` but RESUME_FREE_KEYS), plain values only."""
+    """What a run depends on: ``data`` (file -> content hash) and ``config`` (the settings of
+    ``config`` but RESUME_FREE_KEYS), plain values only.
+
+    ``data``: an export's DATA_FILES, hashed; for a tile store (channels.json lists ``stores``),
+    :func:`_store_digests`.
+    """
     tiles_dir = Path(tiles_dir)
-    data = {name: _file_digest(tiles_dir / name) for name in DATA_FILES}
+    stores = json.loads((tiles_dir / CHANNELS_FILE).read_text()).get("stores")
+    if stores is not None:
+        data = _store_digests(tiles_dir, stores)
+    else:
+        data = {name: _file_digest(tiles_dir / name) for name in DATA_FILES}
     settings = {k: config[k] for k in sorted(config) if k not in RESUME_FREE_KEYS}
     return {"data": data, "config": _plain(settings)}
 
@@ -449,7 +479,7 @@ def _plot_history(history: list[dict], out: Path) -> None:
 # training
 
 def _check_args(epochs, batch_size, lr, extra_mask_fraction, seed, patience, num_workers,
-                max_minutes, residual):
+                max_minutes, residual, samples_per_epoch):
     def integer(value, name, low):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -470,12 +500,45 @@ def _check_args(epochs, batch_size, lr, extra_mask_fraction, seed, patience, num
         raise ValueError(f"max_minutes must be None or a number >= 0, got {max_minutes!r}")
     if residual not in ("auto", True, False):
         raise ValueError(f"residual must be 'auto', True or False, got {residual!r}")
+    if samples_per_epoch is not None:
+        integer(samples_per_epoch, "samples_per_epoch", 1)
+
+
+def _draw(total: int, n: int, seed: int) -> np.ndarray:
+    """``n`` of ``range(total)`` drawn with ``seed``: without replacement when ``n <= total``,
+    else whole shuffled passes and the rest without replacement (each sample as often as can be)."""
+    rng = np.random.default_rng(seed)
+    full, rest = divmod(int(n), int(total))
+    parts = [rng.permutation(total) for _ in range(full)] + [rng.choice(total, rest, replace=False)]
+    return np.concatenate(parts).astype(np.int64)
+
+
+def _epoch_samples(dataset, samples_per_epoch, seed: int, epoch: int):
+    """The training samples of one epoch: all (None), or ``samples_per_epoch`` drawn from
+    ``(seed, epoch)`` -- the same for an epoch however the run got there (resume)."""
+    if samples_per_epoch is None:
+        return dataset
+    idx = _draw(len(dataset), samples_per_epoch, _derived_seed(seed, 4, epoch))
+    return Subset(dataset, idx.tolist())
+
+
+def _val_samples(dataset, samples_per_epoch, seed: int):
+    """Validation samples: all, or at most ``samples_per_epoch`` drawn once with a fixed seed
+    (sorted, so the tiles are read in order), so validation losses stay comparable."""
+    if samples_per_epoch is None or len(dataset) <= samples_per_epoch:
+        return dataset
+    idx = np.sort(_draw(len(dataset), samples_per_epoch, _derived_seed(seed, 5)))
+    return Subset(dataset, idx.tolist())
 
 
 def train(tiles_dir, out_dir, *, model="unet", model_params=None, epochs=30, batch_size=16,
           lr=1e-3, k_neighbours=2, extra_mask_fraction=0.7, seed=0, device="auto", patience=5,
-          num_workers=0, resume=True, max_minutes=None, threads=None, residual="auto") -> dict:
+          num_workers=0, resume=True, max_minutes=None, threads=None, residual="auto",
+          samples_per_epoch=None) -> dict:
     """Train ``model`` on the export in ``tiles_dir``; write checkpoints and logs to ``out_dir``.
+
+    ``tiles_dir`` is an :func:`stfuse.tiles.export_tiles` directory or a tile store
+    (:func:`stfuse.tiles.merge_tile_store`): training reads the blocks' tiles where they are.
 
     Parameters
     ----------
@@ -515,6 +578,11 @@ def train(tiles_dir, out_dir, *, model="unet", model_params=None, epochs=30, bat
         ``"auto"`` (default): wrap the model in :class:`stfuse.models.ResidualOnPrior` when
         the export holds the temporal prior channels; True: require them (ValueError
         otherwise); False: a plain model, the prior (if any) is only an input.
+    samples_per_epoch
+        None (default): every training sample each epoch. A number: each epoch trains on that
+        many samples drawn from ``(seed, epoch)`` (without replacement when there are enough),
+        so an epoch over a huge region is bounded; validation then uses at most as many
+        samples, drawn once with a fixed seed. Part of the resume fingerprint.
 
     Returns a summary dict: ``epochs_run`` (in this call), ``last_epoch``, ``best_epoch``,
     ``best_val_loss``, ``samples_per_s`` (training, this call), ``seconds`` (this call),
@@ -527,15 +595,16 @@ def train(tiles_dir, out_dir, *, model="unet", model_params=None, epochs=30, bat
                       batch_size=batch_size, lr=lr, k_neighbours=k_neighbours,
                       extra_mask_fraction=extra_mask_fraction, seed=seed, device=device,
                       patience=patience, num_workers=num_workers, resume=resume,
-                      max_minutes=max_minutes, residual=residual)
+                      max_minutes=max_minutes, residual=residual,
+                      samples_per_epoch=samples_per_epoch)
 
 
 def _train(tiles_dir, out_dir, *, model, model_params, epochs, batch_size, lr, k_neighbours,
            extra_mask_fraction, seed, device, patience, num_workers, resume, max_minutes,
-           residual):
+           residual, samples_per_epoch):
     t_start = time.perf_counter()
     _check_args(epochs, batch_size, lr, extra_mask_fraction, seed, patience, num_workers,
-                max_minutes, residual)
+                max_minutes, residual, samples_per_epoch)
     params = {} if model_params is None else dict(model_params)
     try:
         params = _plain(params)
@@ -588,6 +657,7 @@ def _train(tiles_dir, out_dir, *, model, model_params, epochs, batch_size, lr, k
         "optimizer": "adam", "val_split": val_split, "val_mask_fraction": VAL_MASK_FRACTION,
         "val_mask_seed": val_seed, "torch_threads": torch.get_num_threads(),
         "residual": residual_spec is not None,
+        "samples_per_epoch": None if samples_per_epoch is None else int(samples_per_epoch),
     }
     t_hash = time.perf_counter()
     fprint = fingerprint(tiles_dir, config)
@@ -677,7 +747,12 @@ def _train(tiles_dir, out_dir, *, model, model_params, epochs, batch_size, lr, k
                     " as a residual on the temporal prior" if residual_spec else "", n_params, dev,
                     " with mixed precision" if amp else "", len(train_ds), len(val_ds),
                     val_split, base["in_channels"], train_ds.size, batch_size)
-        val_loader = DataLoader(val_ds, batch_size=batch_size, shuffle=False,
+        val_used = _val_samples(val_ds, samples_per_epoch, seed)
+        if samples_per_epoch is not None:
+            logger.info("samples_per_epoch=%d: each epoch draws %d of the %d train samples; "
+                        "validating on %d of the %d %s samples", samples_per_epoch,
+                        samples_per_epoch, len(train_ds), len(val_used), len(val_ds), val_split)
+        val_loader = DataLoader(val_used, batch_size=batch_size, shuffle=False,
                                 num_workers=num_workers, pin_memory=amp)
         elapsed_before = float(history[-1]["elapsed_s"]) if history else 0.0
         run_samples, run_train_s, epochs_run = 0, 0.0, 0
@@ -690,7 +765,8 @@ def _train(tiles_dir, out_dir, *, model, model_params, epochs, batch_size, lr, k
             train_ds.extra_mask_seed = _derived_seed(seed, 2, epoch)
             gen = torch.Generator()
             gen.manual_seed(_derived_seed(seed, 3, epoch))
-            loader = DataLoader(train_ds, batch_size=batch_size, shuffle=True, generator=gen,
+            loader = DataLoader(_epoch_samples(train_ds, samples_per_epoch, seed, epoch),
+                                batch_size=batch_size, shuffle=True, generator=gen,
                                 num_workers=num_workers, pin_memory=amp)
             total, count, samples = _run_epoch(net, loader, dev, optimizer, scaler, amp)
             train_s = time.perf_counter() - t_epoch
@@ -783,6 +859,8 @@ def _train(tiles_dir, out_dir, *, model, model_params, epochs, batch_size, lr, k
         "device": str(dev),
         "train_samples": len(train_ds),
         "val_samples": len(val_ds),
+        "val_samples_used": len(val_used),
+        "samples_per_epoch": samples_per_epoch,
         "val_split": val_split,
         "files": {name: str(out / name) for name in (MODEL_FILE, LAST_FILE, HISTORY_FILE,
                                                      PLOT_FILE)},

@@ -61,8 +61,9 @@ rule score_block:
         main=per_block(f"{RESULTS}/main/blocks/{{block}}/infer/filled.npy"),
         truth=synthetic_truth_manifest,
     output:
-        scores=f"{RESULTS}/benchmark/blocks/{{block}}/scores.csv",
+        parts=f"{RESULTS}/benchmark/blocks/{{block}}/parts.npz",
         quicklook=f"{RESULTS}/benchmark/blocks/{{block}}/quicklook.npz",
+        block=f"{RESULTS}/benchmark/blocks/{{block}}/block.json",
     log:
         f"{LOGS}/benchmark/blocks/{{block}}/score.log",
     benchmark:
@@ -85,7 +86,8 @@ rule score_block:
 rule score:
     input:
         parts=scored_blocks,
-        meta=per_block(f"{RESULTS}/blocks/{{block}}/cube/cube.json"),
+        stats=scored_blocks_stats,
+        meta=f"{RESULTS}/blocks/r0000c0000/cube/cube.json",
         info=f"{RESULTS}/heldout/holdout.json",
     output:
         scores=f"{RESULTS}/benchmark/scores.csv",

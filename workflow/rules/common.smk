@@ -92,8 +92,8 @@ def per_block(pattern, **kw):
     """An input function: ``pattern`` (with {block} and the job's own wildcards) for every block."""
 
     def expand_blocks(wildcards):
-        ids = block_ids()
-        return [pattern.format(block=b, **dict(wildcards.items()), **kw) for b in ids]
+        own = {k: v for k, v in wildcards.items() if k != "block"}  # a block job asking for every block
+        return [pattern.format(**own, **kw, block=b) for b in block_ids()]
 
     return expand_blocks
 
@@ -138,4 +138,11 @@ def scored_blocks(wildcards):
     variant is never trained for nothing)."""
     if not benchmark_possible(wildcards):
         return []
-    return per_block(f"{RESULTS}/benchmark/blocks/{{block}}/scores.csv")(wildcards)
+    return per_block(f"{RESULTS}/benchmark/blocks/{{block}}/parts.npz")(wildcards)
+
+
+def scored_blocks_stats(wildcards):
+    """Every block's first pass of the benchmark, when it is possible."""
+    if not benchmark_possible(wildcards):
+        return []
+    return per_block(f"{RESULTS}/benchmark/blocks/{{block}}/stats.npz")(wildcards)

@@ -19,7 +19,7 @@ def _load(path) -> dict:
 
 def block_of_file(path) -> str:
     """The block id of a per-block file ``.../blocks/<id>/<stage>/<file>``."""
-    return Path(path).parent.parent.name
+    return blocks.id_in_path(path)
 
 
 def mosaic(paths, plan: list[blocks.Block]) -> Mosaic:
