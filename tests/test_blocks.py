@@ -157,12 +157,46 @@ def test_schema_default_is_default_size():
     schema = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())
     sec = schema["properties"]["blocks"]
     assert sec["default"] == {} and sec["additionalProperties"] is False
-    halo = sec["properties"]["halo"]["default"]
-    assert halo == 16
-    assert sec["properties"]["size"]["default"] == default_size(100, 10, 2e9, halo=16) == 448
-    assert sec["properties"]["halo"]["minimum"] == 0 and sec["properties"]["size"]["minimum"] == 16
-    assert sec["properties"]["size"]["default"] > halo
-    # honest about what uses it: the score stage, and no other stage yet
-    assert "score stage" in sec["description"] and "do not use blocks yet" in sec["description"]
-    # the module's docstring states the same default
-    assert "448" in blocks.__doc__
+    assert sec["properties"]["halo"]["default"] is None      # null: tiles.size
+    tiles_default = schema["properties"]["tiles"]["properties"]["size"]["default"]
+    assert sec["properties"]["size"]["default"] == blocks.DEFAULT_SIZE == default_size(100, 10, 2e9, halo=tiles_default)
+    assert sec["properties"]["size"]["minimum"] == 16
+    assert "own Snakemake job" in sec["description"]
+    assert str(blocks.DEFAULT_SIZE) in blocks.__doc__
+
+
+def test_halo_defaults_to_the_tile_size_and_a_smaller_one_is_refused():
+    assert blocks.halo_for({}, 32) == 32 and blocks.halo_for({"halo": None}, 16) == 16
+    assert blocks.halo_for({"halo": 40}, 32) == 40
+    with pytest.raises(ValueError, match=r"blocks\.halo \(16\) must be at least tiles\.size \(32\)"):
+        blocks.halo_for({"halo": 16}, 32)
+    p = blocks.study_plan({"rows": 100, "cols": 70}, {"size": 48}, 16)
+    assert [b.id for b in p] == ["r0000c0000", "r0000c0001", "r0001c0000", "r0001c0001", "r0002c0000", "r0002c0001"]
+    assert p[0].read_rows == 48 + 16 and blocks.find(p, "r0001c0001") == p[3]
+    with pytest.raises(ValueError, match="not in the plan"):
+        blocks.find(p, "r0009c0000")
+    assert blocks.from_dict(blocks.to_dict(p[4])) == p[4]
+    assert blocks.id_in_path("results/x/main/blocks/r0002c0001/infer/filled.npy") == "r0002c0001"
+    with pytest.raises(ValueError, match="no block id"):
+        blocks.id_in_path("results/x/main/infer/filled.npy")
+
+
+def test_mosaic_reads_any_window_of_the_region_from_core_files(tmp_path):
+    from stfuse.cube import Mosaic
+
+    rng = np.random.default_rng(0)
+    whole = rng.random((3, 2, 70, 90)).astype(np.float32)
+    p = plan(70, 90, 32, 8)
+    paths = {}
+    for b in p:
+        paths[b.id] = tmp_path / f"{b.id}.npy"
+        np.save(paths[b.id], np.ascontiguousarray(blocks.crop_core(whole[..., b.read_row0:b.read_row0 + b.read_rows,
+                                                                          b.read_col0:b.read_col0 + b.read_cols], b)))
+    m = Mosaic(paths, p)
+    assert m.shape == whole.shape and len(m) == 3
+    np.testing.assert_array_equal(m[...], whole)
+    np.testing.assert_array_equal(m[1, 0], whole[1, 0])
+    np.testing.assert_array_equal(m[:, :, 29:35, 60:89], whole[:, :, 29:35, 60:89])   # across four blocks
+    np.testing.assert_array_equal(m[2, 1, 40, :], whole[2, 1, 40, :])
+    with pytest.raises(ValueError, match="no file for block"):
+        Mosaic({k: v for k, v in paths.items() if k != "r0001c0001"}, p)

@@ -24,13 +24,14 @@ SLOW_TRAIN = dict(FAST, train=dict(FAST["train"], epochs=6))
 # name -> (file under the work dir whose appearance or content marks the moment to kill, text or None)
 KILL_POINTS = {
     "import": ("results/tiny/grassdata/tiny/ingest_S2", None),
-    "tile_export": ("logs/tiny/main/tiles.log", None),
+    "tile_export": ("logs/tiny/main/blocks/r0000c0000/tiles.log", None),
     "training": ("logs/tiny/main/train.log", "epoch 2/"),
     "registration": ("logs/tiny/register/register.log", None),
 }
 COMPARED = [
-    "results/tiny/main/tiles/tiles.npy", "results/tiny/heldout/tiles/tiles.npy", "results/tiny/main/tiles/index.csv",
-    "results/tiny/main/infer/filled.npy", "results/tiny/heldout/infer/filled.npy",
+    "results/tiny/main/blocks/r0000c0000/tiles/tiles.npy", "results/tiny/heldout/blocks/r0000c0000/tiles/tiles.npy",
+    "results/tiny/main/tiles/index.csv",
+    "results/tiny/main/blocks/r0000c0000/infer/filled.npy", "results/tiny/heldout/blocks/r0000c0000/infer/filled.npy",
     "results/tiny/benchmark/scores.csv",
 ]
 

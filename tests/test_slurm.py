@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SLURM_SCRIPTS = ROOT / "scripts" / "slurm"
 SNAKEMAKE = Path(sys.executable).with_name("snakemake")
 STATE = Path(os.environ.get("STFUSE_SLURM_DIR", "/tmp/stfuse-slurm"))
-GPU_RULES = {"train_model", "predict"}
+GPU_RULES = {"train_model", "predict_block"}
 RESOURCES = {"mem_mb", "runtime", "cpus_per_task"}
 
 
@@ -78,8 +78,9 @@ def profile(name: str) -> dict:
 
 def test_slurm_profile_sets_resources_for_every_rule():
     rules = workflow_rules()
-    assert {"scene", "ingest_project", "ingest_sensor", "pairing", "groups", "cube", "export_tiles",
-            "train_model", "predict", "register_filled", "holdout", "score"} <= set(rules)
+    assert {"scene", "ingest_project", "ingest_sensor", "pairing", "groups", "cube_block", "tiles_block",
+            "tile_store", "train_model", "predict_block", "register_filled", "holdout", "score_stats_block",
+            "score_block", "score"} <= set(rules)
     prof = profile("slurm")
     assert prof["executor"] == "slurm"
     assert RESOURCES <= set(prof["default-resources"])
@@ -94,6 +95,14 @@ def test_slurm_profile_sets_resources_for_every_rule():
         assert not {"gpu", "gres", "gpus"} & set(res), f"{rule}: GPUs are off in profiles/slurm"
     for key in ("jobs", "restart-times", "latency-wait", "rerun-incomplete"):
         assert key in prof
+    # every per-block rule belongs to a group that the profile packs (a Slurm job lasts minutes, not seconds)
+    packed = dict(item.split("=") for item in prof["group-components"])
+    for smk in sorted((ROOT / "workflow" / "rules").glob("*.smk")):
+        for name, body in re.findall(r"^(?:rule|checkpoint) (\w+):\s*$(.*?)(?=^\S|\Z)", smk.read_text(), re.M | re.S):
+            group = re.search(r"^\s+group:\s*\n\s+\"(\w+)\"", body, re.M)
+            output = re.search(r"^\s+output:(.*?)^\s+log:", body, re.M | re.S)
+            if output and "{{block}}" in output.group(1):
+                assert group and group.group(1) in packed, f"{name}: a block rule without a packed group"
 
 
 def test_gpu_profile_is_the_slurm_profile_plus_one_gpu():

@@ -237,15 +237,20 @@ def test_train_rule_script_takes_threads_from_the_config(tiles_dir, tmp_path, mo
 
 
 def test_infer_rule_script_takes_threads_from_the_config(tiles_dir, tmp_path, monkeypatch):
+    from stfuse import blocks, cube as cubes
+
     train(tiles_dir, tmp_path / "model", epochs=1, **FAST)
     cube, channels, dates = make_cube()
+    h, w = cube.shape[2:]
+    block = blocks.plan(h, w, max(h, w), SIZE)[0]   # one block: the whole region
     (tmp_path / "cube").mkdir()
     np.save(tmp_path / "cube" / "cube.npy", cube)
-    (tmp_path / "cube" / "cube.json").write_text(json.dumps({"channels": channels,
-                                                             "dates": dates}))
+    cubes.write_meta(tmp_path / "cube", {"channels": channels, "dates": dates, "region": {"rows": h, "cols": w},
+                                         "block": blocks.to_dict(block), "shape": list(cube.shape),
+                                         "counts": cubes.core_counts(cube, channels, block)})
     seen = []
-    real = stfuse.infer.predict_cube
-    monkeypatch.setattr(stfuse.infer, "predict_cube",
+    real = stfuse.infer.predict_block
+    monkeypatch.setattr(stfuse.infer, "predict_block",
                         lambda *a, **k: seen.append(k["threads"]) or real(*a, **k))
     outputs = []
     for cores in (1, 2):
@@ -253,15 +258,15 @@ def test_infer_rule_script_takes_threads_from_the_config(tiles_dir, tmp_path, mo
         out.mkdir()
         job = SimpleNamespace(
             input=SimpleNamespace(model=str(tmp_path / "model" / "model.pt"),
-                                  cube=str(tmp_path / "cube" / "cube.npy"), hidden=[]),
+                                  cube=str(tmp_path / "cube" / "cube.npy"), holdout=[]),
             output=SimpleNamespace(filled=str(out / "filled.npy"),
                                    prediction=str(out / "prediction.npy"),
-                                   flags=str(out / "flags.npy")),
+                                   flags=str(out / "flags.npy"), info=str(out / "infer.json")),
             log=[str(out / "infer.log")],
             params=SimpleNamespace(infer={"batch_size": 16, "overlap": None, "device": "cpu",
                                           "threads": 2}),
             threads=cores)
-        _run_script("infer.py", job, monkeypatch)
+        _run_script("predict_block.py", job, monkeypatch)
         outputs.append(np.load(out / "prediction.npy"))
     assert seen == [2, 2]
     np.testing.assert_array_equal(outputs[0], outputs[1])

@@ -63,8 +63,8 @@ def test_rerun_does_nothing_and_a_tile_change_reruns_only_what_depends_on_it(dem
     plan = run_snakemake(work, changed, extra=["--dry-run"])
     assert plan.returncode == 0, plan.stderr[-2000:]
     jobs = planned_jobs(plan)
-    assert jobs.get("export_tiles") == 2 and jobs.get("train_model") == 2
-    for upstream in ("scene", "ingest_project", "ingest_sensor", "pairing", "groups", "cube", "holdout"):
+    assert jobs.get("tiles_block") == 2 and jobs.get("train_model") == 2
+    for upstream in ("scene", "ingest_project", "ingest_sensor", "pairing", "groups", "cube_block", "holdout"):
         assert upstream not in jobs, f"{upstream} would rerun after a tile-size change"
 
 

@@ -19,7 +19,8 @@ tile (10980 x 10980 cells) takes milliseconds.
 Memory rule (:func:`default_size`): a block's cube holds ``(size + 2 halo)^2 x dates x channels``
 float32 values; a step may hold a copy or two of it, so the cube is allowed half the memory
 budget. The default block edge is the largest multiple of 64 (a size multiple of every U-Net depth
-up to 6) that fits -- 448 cells for 100 dates x 10 channels, 2 GB and a 16-cell halo.
+up to 6) that fits -- 384 cells for 100 dates x 10 channels, 2 GB and a 32-cell halo (the default
+tiles.size: the halo is the tile size, :func:`halo_for`).
 """
 
 from __future__ import annotations
