@@ -9,7 +9,8 @@
 # sacct's start and end times how many block jobs ran at once.
 # The demo runs with STFUSE_SLURM_DEMO_BLOCKS-cell blocks (default 48: 2 x 2 blocks of the 96 x 96 scene) and
 # the Slurm run with --jobs STFUSE_SLURM_JOBS (default 4) and --group-components STFUSE_SLURM_GROUPS
-# (default "cube=2 tiles=2 predict=1 score=2": a group job asks for the sum of its parts' cores).
+# (default "cube=1 tiles=1 predict=1 score_stats=1 score=1": one block job per Slurm job on the 2-CPU test node, where a
+# group job, which asks for the sum of its parts' cores and memory, would not fit).
 #
 #   bash scripts/slurm/run_demo.sh [--parallel] [WORKDIR]    # WORKDIR: /tmp/stfuse-slurm-demo (wiped first)
 #
@@ -93,7 +94,7 @@ run_slurm() {
   say "Slurm run: snakemake --profile profiles/slurm --workflow-profile none in $WORK/slurm"
   # shellcheck disable=SC2086  # the group list is word-split on purpose
   run slurm --profile "$CODE/profiles/slurm" --workflow-profile none --jobs "${STFUSE_SLURM_JOBS:-4}" \
-    --group-components ${STFUSE_SLURM_GROUPS:-cube=2 tiles=2 predict=1 score=2} \
+    --group-components ${STFUSE_SLURM_GROUPS:-cube=1 tiles=1 predict=1 score_stats=1 score=1} \
     --slurm-init-seconds-before-status-checks "$POLL" --slurm-keep-successful-logs
 }
 run_local() {

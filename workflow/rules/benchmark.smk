@@ -40,7 +40,7 @@ rule score_stats_block:
     params:
         optical=section("sensors", OPTICAL[0]),
     group:
-        "score"
+        "score_stats"
     threads: 1
     resources:
         mem_mb=3000,
