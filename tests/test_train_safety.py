@@ -277,8 +277,8 @@ def test_schema_and_config_have_the_thread_keys():
 
     schema = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())
     config = yaml.safe_load((ROOT / "config/config.yaml").read_text())
-    for section in ("train", "infer"):
+    for section, default in (("train", 2), ("infer", 1)):   # inference: one thread per block job
         spec = schema["properties"][section]["properties"]["threads"]
-        assert spec["type"] == "integer" and spec["minimum"] == 1 and spec["default"] == 2
+        assert spec["type"] == "integer" and spec["minimum"] == 1 and spec["default"] == default
         assert "bit-identical" in spec["description"]
-        assert config[section]["threads"] == 2
+        assert config[section]["threads"] == default

@@ -60,7 +60,7 @@ rule predict_block:
     group:
         "predict"
     # scheduling hint only: torch's thread count is config infer.threads
-    threads: 2
+    threads: 1
     resources:
         mem_mb=4000,
         runtime=60,
