@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import stfuse.prior
-from stfuse import bridge, grassio, infer, tiles
+from stfuse import bridge, grass, grassio, infer, tiles
 from stfuse.prior import prior_channels, temporal_prior
 from stfuse.train import load_checkpoint, torch_threads, train
 from test_train import FAST, export, make_cube
@@ -188,7 +188,7 @@ def test_cube_step_same_bytes_as_np_save(old, tmp_path, monkeypatch):
     monkeypatch.setattr(grassio, "region_shape", lambda **kw: shape)
     monkeypatch.setattr(grassio, "read_maps",
                         lambda names, **kw: calls.append(len(names)) or np.stack([maps[n] for n in names]))
-    monkeypatch.setattr(bridge, "stage_session", lambda *a, **kw: contextlib.nullcontext())
+    monkeypatch.setattr(grass, "stage_session", lambda *a, **kw: contextlib.nullcontext())
     monkeypatch.setattr(old["bridge"], "grassio", grassio)
     want = old["bridge"].read_cube(state)
     assert bridge.read_cube(state).tobytes() == want.tobytes()

@@ -190,7 +190,7 @@ def holdout_step(cube_dir, hidden_path, info_path, *, min_clear: float, seed: in
     is what the workflow reads to request the heldout variant only when it will be scored. When not
     possible, ``hidden`` is all False (nothing hidden) and ``reason`` says why.
     """
-    from .bridge import load_cube
+    from .cube import load_cube
 
     cube, meta = load_cube(cube_dir, mmap_mode="r")  # only read: the page cache, not a copy
     try:

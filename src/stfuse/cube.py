@@ -23,11 +23,16 @@ A (date, cell) is **clear** when ``valid == 1`` and every optical band is finite
 from __future__ import annotations
 
 import json
+import logging
+import os
+import time
 from pathlib import Path
 
 import numpy as np
 
-from . import blocks
+from . import blocks, grass, grassio
+
+log = logging.getLogger("stfuse.cube")
 
 CUBE_FILE = "cube.npy"
 META_FILE = "cube.json"
@@ -182,3 +187,118 @@ class Mosaic:
         if not isinstance(cols, slice):
             out = out[..., 0]
         return out
+
+
+# --- reading cubes from GRASS, and the whole-region cube (one cube of the whole region, for the library API)
+
+
+#: dates read from GRASS per chunk by `read_cube` (peak memory: one chunk of maps, not the cube twice)
+CUBE_CHUNK_DATES = 8
+
+
+def read_cube(groups_state: dict, out: np.ndarray | None = None, *,
+              chunk_dates: int = CUBE_CHUNK_DATES) -> np.ndarray:
+    """(T, C, H, W) float32 of every group in the current region; absent channels (no SAR) are NaN.
+
+    Reads `chunk_dates` groups at a time with `grassio.read_maps` and places them, so memory peaks at
+    one chunk of maps on top of the result. `out` (e.g. a `numpy.lib.format.open_memmap`) receives the
+    cube instead of a new array; it must have the cube's shape and dtype float32.
+    """
+    groups = groups_state["groups"]
+    n_chan = len(groups_state["channels"])
+    h, w = grassio.region_shape()
+    shape = (len(groups), n_chan, h, w)
+    if out is None:
+        out = np.empty(shape, dtype=np.float32)
+    elif tuple(out.shape) != shape or out.dtype != np.float32:
+        raise ValueError(f"out must be float32 {shape}, got {out.dtype} {tuple(out.shape)}")
+    chunk_dates = max(1, int(chunk_dates))
+    for lo in range(0, len(groups), chunk_dates):
+        part = groups[lo:lo + chunk_dates]
+        names = [m for g in part for m in g["maps"] if m]
+        flat = grassio.read_maps(names) if names else None
+        i = 0
+        for t, g in enumerate(part, start=lo):
+            for c, m in enumerate(g["maps"]):
+                if m:
+                    out[t, c] = flat[i]
+                    i += 1
+                else:
+                    out[t, c] = np.nan
+        del flat
+    return out
+
+
+def cube_dates(groups_state: dict) -> list[dict]:
+    keys = ("start_time", "optical_id", "sar_id", "sar_gap_days", "clear_fraction")
+    return [{k: g[k] for k in keys} for g in groups_state["groups"]]
+
+
+def read_cube_step(project_state: dict, groups_state: dict, stage: str, out: np.ndarray | None = None,
+                   ) -> np.ndarray:
+    reads = [grass.map_mapset(m) for g in groups_state["groups"] for m in g["maps"] if m]
+    with grass.stage_session(project_state, stage, reads):
+        return read_cube(groups_state, out)
+
+
+def cube_step(project_state: dict, groups_json, out_dir) -> dict:
+    """Read every imagery group once into `cube.npy` (T, C, H, W) + `cube.json` (channels, dates, region).
+
+    Later stages (tiles, inference, benchmark) read this array and never GRASS: np.load from the page
+    cache is ~10x faster than decoding GRASS rasters. `cube.npy` is written through
+    `numpy.lib.format.open_memmap` (the same bytes as `np.save` of the array) and filled a chunk of
+    dates at a time, under a temporary name renamed at the end.
+    """
+    t0 = time.perf_counter()
+    groups_state = json.loads(Path(groups_json).read_text())
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    partial = out_dir / ".cube.npy.partial"
+    reads = [grass.map_mapset(m) for g in groups_state["groups"] for m in g["maps"] if m]
+    try:
+        with grass.stage_session(project_state, "cube", reads):
+            shape = (len(groups_state["groups"]), len(groups_state["channels"])) + tuple(grassio.region_shape())
+            mm = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=shape)
+            read_cube(groups_state, mm)
+        mm.flush()
+        nbytes = mm.nbytes
+        del mm
+        os.replace(partial, out_dir / "cube.npy")
+    finally:
+        if partial.exists():
+            partial.unlink()
+    meta = dict(channels=groups_state["channels"], dates=cube_dates(groups_state), region=project_state["region"],
+                shape=list(shape))
+    (out_dir / "cube.json").write_text(json.dumps(meta, indent=1) + "\n")
+    log.info("read %s cube (%.1f MB) from GRASS in %.1f s", shape, nbytes / 1e6, time.perf_counter() - t0)
+    return meta
+
+
+def load_cube(cube_dir, hidden=None, *, mmap_mode=None) -> tuple[np.ndarray, dict]:
+    """The cube and its metadata; with `hidden` (T, H, W) bool, those cells become gaps (valid 0, bands NaN).
+
+    `mmap_mode` is passed to `np.load`: None reads the cube into memory (hidden cells are then set in that
+    array, no second copy); "r" maps it read-only (only without `hidden`); "c" maps it copy-on-write, so
+    hiding copies only the memory pages it changes (optical and valid channels at dates with hidden cells)
+    and the rest stays in the page cache.
+    """
+    cube_dir = Path(cube_dir)
+    if hidden is not None and mmap_mode in ("r", "r+"):
+        raise ValueError(f"load_cube: mmap_mode={mmap_mode!r} with hidden cells would change cube.npy or fail; "
+                         "use mmap_mode='c' (copy-on-write) or None")
+    cube = np.load(cube_dir / "cube.npy", mmap_mode=mmap_mode)
+    meta = json.loads((cube_dir / "cube.json").read_text())
+    if hidden is not None:
+        cube = hide(cube, meta["channels"], hidden, inplace=True)
+    return cube, meta
+
+
+def tiles_step(cube_dir, out_dir, *, hidden=None, **tile_params) -> dict:
+    """Export training tiles from the cube (with the benchmark's hidden cells removed when given)."""
+    cube, meta = load_cube(cube_dir, hidden, mmap_mode="c")
+    from . import tiles  # tiles imports this module (clear_mask)
+
+    summary = tiles.export_tiles(cube, meta["channels"], meta["dates"], out_dir, region=meta["region"],
+                                 **tile_params)
+    log.info("tiles: %s", {k: v for k, v in summary.items() if k.startswith("n_")})
+    return summary

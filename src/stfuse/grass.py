@@ -496,3 +496,40 @@ def rebuild_project(project: str | os.PathLike, *, epsg: int | None = None, geor
         return True
     shutil.rmtree(project)
     return False
+
+
+# --- stage sessions: a mapset of its own per workflow job ------------------------------------------------
+
+
+def stage_mapset(project_state: dict, stage: str) -> str:
+    """The pipeline's own mapset for a stage: `<stage>`, or `<prefix>_<stage>` in a user's project."""
+    prefix = project_state.get("mapset")
+    return f"{prefix}_{stage}" if project_state.get("source") == "grass_project" else stage
+
+
+@contextlib.contextmanager
+def stage_session(project_state: dict, stage: str, read_mapsets):
+    """A fresh own mapset for `stage`, the mapsets it reads on its search path, the study region.
+
+    The mapset is replaced only when it is the same study's and holds nothing stfuse did not write there
+    (or the project state allows it: `replace_foreign_maps`); on success its marker records what was written.
+    """
+    project = project_state["project"]
+    mapset = stage_mapset(project_state, stage)
+    with own_session(project, mapset, study=project_state.get("study"), stage=stage,
+                           replace_foreign=project_state.get("replace_foreign_maps", False)) as gs:
+        reads = sorted({m for m in read_mapsets if m and m != mapset})
+        if reads:
+            gs.run_command("g.mapsets", mapset=",".join(reads), operation="add", quiet=True)
+        from .ingest import grid_from_project, set_region  # ingest imports this module
+
+        set_region(gs, grid_from_project(project_state))
+        yield gs
+
+
+def map_mapset(map_or_strds_id: str) -> str:
+    """The mapset of a fully qualified ``name@mapset`` ("" when unqualified)."""
+    return map_or_strds_id.split("@", 1)[1] if "@" in map_or_strds_id else ""
+
+
+_mapset = map_mapset

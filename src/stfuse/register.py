@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from . import grassio
-from .bridge import stage_session
+from .grass import stage_session
 from .ingest import _register
 
 log = logging.getLogger("stfuse.register")

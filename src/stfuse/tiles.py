@@ -74,6 +74,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .cube import clear_mask  # the one definition of a clear cell (re-exported here)
+
 from stfuse.blocks import to_dict as _block_to_dict
 
 __all__ = [
@@ -343,17 +345,6 @@ def _check_prior_channels(channels) -> None:
 def channel_indices(channels) -> dict[str, list[int]]:
     """Positions of each channel kind: ``{"optical": [...], "valid": [i], "sar": [...], ...}``."""
     return {kind: [i for i, ch in enumerate(channels) if ch["kind"] == kind] for kind in KINDS}
-
-
-def clear_mask(block: np.ndarray, valid_index: int, optical_indices) -> np.ndarray:
-    """Clear cells of ``block`` (..., C, h, w): valid == 1 and all optical bands finite.
-
-    Returns a bool array of shape (..., h, w).
-    """
-    clear = block[..., valid_index, :, :] == 1
-    for i in optical_indices:
-        clear &= np.isfinite(block[..., i, :, :])
-    return clear
 
 
 def _parse_time(value, i: int) -> pd.Timestamp:

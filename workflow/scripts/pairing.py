@@ -2,9 +2,10 @@
 import json
 from pathlib import Path
 
-from stfuse import bridge, logs
+from stfuse import logs
+from stfuse.steps.pairing import pairing_step
 
 logs.setup(snakemake.log[0])
 load = lambda path: json.loads(Path(path).read_text())  # noqa: E731
-bridge.pairing_step(load(snakemake.input.project), load(snakemake.input.optical), load(snakemake.input.sar),
-                    Path(snakemake.output.pairs).parent, **snakemake.params.pairing)
+pairing_step(load(snakemake.input.project), load(snakemake.input.optical), load(snakemake.input.sar),
+             Path(snakemake.output.pairs).parent, **snakemake.params.pairing)

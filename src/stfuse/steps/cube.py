@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import blocks, bridge, cube, grassio
+from .. import blocks, cube, grass, grassio
 from ..ingest import grid_from_project, set_region
 from ..manifest import Grid
 
@@ -43,17 +43,17 @@ def cube_block_step(project_state: dict, groups_json, block_id: str, out_dir, *,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     partial = out_dir / f".{cube.CUBE_FILE}.partial"
-    reads = [bridge.map_mapset(m) for g in groups_state["groups"] for m in g["maps"] if m]
+    reads = [grass.map_mapset(m) for g in groups_state["groups"] for m in g["maps"] if m]
     channels = groups_state["channels"]
     try:
-        with bridge.stage_session(project_state, f"cube_{block.id}", reads) as gs:
+        with grass.stage_session(project_state, f"cube_{block.id}", reads) as gs:
             set_region(gs, block_grid(project_state, block))
             shape = (len(groups_state["groups"]), len(channels)) + tuple(grassio.region_shape())
             if shape[2:] != (block.read_rows, block.read_cols):
                 raise RuntimeError(f"block {block.id}: GRASS region is {shape[2]} x {shape[3]} cells, its read window "
                                    f"{block.read_rows} x {block.read_cols}")
             mm = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=shape)
-            bridge.read_cube(groups_state, mm)
+            cube.read_cube(groups_state, mm)
         mm.flush()
         counts = cube.core_counts(mm, channels, block)
         nbytes = mm.nbytes
@@ -62,7 +62,7 @@ def cube_block_step(project_state: dict, groups_json, block_id: str, out_dir, *,
     finally:
         if partial.exists():
             partial.unlink()
-    meta = dict(channels=channels, dates=bridge.cube_dates(groups_state), region=region, block=blocks.to_dict(block),
+    meta = dict(channels=channels, dates=cube.cube_dates(groups_state), region=region, block=blocks.to_dict(block),
                 shape=list(shape), counts=counts)
     cube.write_meta(out_dir, meta)
     log.info("block %s: read %s cube (%.1f MB) from GRASS in %.1f s", block.id, shape, nbytes / 1e6,
