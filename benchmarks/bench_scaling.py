@@ -204,11 +204,14 @@ class TreeSampler(threading.Thread):
     time to other work on a shared machine.
     """
 
-    def __init__(self, pid: int, interval: float):
+    def __init__(self, pid: int, interval: float, classify=None):
         super().__init__(daemon=True)
         self.pid, self.interval = pid, interval
+        # classify(script name, script path) -> job key or None; the default: this script's stage keys
+        self.classify = classify or _stage_of_script
         self.peaks: dict[str, float] = {}
         self.cpu: dict[str, float] = {}
+        self.seen: dict[str, list[float]] = {}  # key -> [first, last] time.time() it was sampled alive
         self.total_peak = 0.0
         self._keys: dict[int, str | None] = {}
         self._halt = threading.Event()
@@ -260,12 +263,14 @@ class TreeSampler(threading.Thread):
                 except psutil.Error:
                     continue
                 match = next((SCRIPT_RE.search(a) for a in cmd if SCRIPT_RE.search(a)), None)
-                self._keys[q] = _stage_of_script(match.group(1), match.string) if match else None
+                self._keys[q] = self.classify(match.group(1), match.string) if match else None
             key = self._keys[q]
             if key:
                 sub = [info[r] for r in subtree(q) if r in info]
                 self.peaks[key] = max(self.peaks.get(key, 0.0), sum(v[0] for v in sub))
                 self.cpu[key] = max(self.cpu.get(key, 0.0), sum(v[1] for v in sub))
+                now = time.time()
+                self.seen.setdefault(key, [now, now])[1] = now
 
 
 def run_snakemake(work: Path, cfg: Path, targets, sample_s: float, timeout_s: float) -> dict:
