@@ -183,8 +183,15 @@ def test_demo_on_a_one_node_slurm_cluster_matches_the_local_run(tmp_path, slurm_
         assert summary["ok"], summary["problems"]
         assert summary["ingest_jsons"] == ["S1.json", "S2.json", "project.json"]
         jobs = summary["slurm_jobs"]
-        assert len(jobs) == 16 and all(j["state"] == "COMPLETED" for j in jobs), jobs
-        assert {j["comment"].split("_wildcards")[0] for j in jobs} == {f"rule_{r}" for r in workflow_rules()}
+        # the demo in 2 x 2 blocks: 7 block jobs per block (cube, tiles x 2, predict x 2, score_stats, score),
+        # one Slurm job each on the 2-CPU node, and 13 single jobs
+        assert summary["blocks"] == ["r0000c0000", "r0000c0001", "r0001c0000", "r0001c0001"]
+        assert summary["block_jobs"] == 28 and len(jobs) == 41, jobs
+        assert all(j["state"] == "COMPLETED" for j in jobs), jobs
+        assert summary["most_block_jobs_at_once"] >= 2, "block jobs did not run side by side"
+        # a grouped job's comment is rule_<group>_<rule>
+        ran = {j["comment"].split("_wildcards")[0] for j in jobs}
+        assert all(any(c == f"rule_{r}" or c.endswith(f"_{r}") for c in ran) for r in workflow_rules()), ran
         if not summary["scores_bitwise_equal"]:  # allowed, but only within the tolerance (run_demo.sh)
             print("scores.csv within tolerance, not bitwise:", summary["notes"])
     finally:
