@@ -279,3 +279,10 @@ def test_snakemake_tile_size_beyond_the_data_region_fails_in_ingest_project_befo
     log = (tmp_path / "logs/big/ingest/project.log").read_text()
     assert "config key tiles.size (64) is larger than the region from the data (32 x 32 cells)" in log
     assert not (tmp_path / "results/big/grassdata").exists()
+
+
+def test_blocks_halo_smaller_than_a_tile_is_refused_when_the_dag_is_built():
+    cfgcheck.check(base(tiles={"size": 16}, blocks={"size": 64}))             # halo null: the tile size
+    cfgcheck.check(base(tiles={"size": 16}, blocks={"size": 64, "halo": 24}))
+    with pytest.raises(ValueError, match=r"blocks\.halo \(8\) must be at least tiles\.size \(16\)"):
+        cfgcheck.check(base(tiles={"size": 16}, blocks={"size": 64, "halo": 8}))
