@@ -978,17 +978,7 @@ def main() -> None:
     root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="stfuse_blocks_"))
     root.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
-    probe_s = None
-    if shutil.which("scontrol"):
-        t0 = time.perf_counter()
-        subprocess.run(["scontrol", "show", "config"], capture_output=True, timeout=60)
-        probe_s = time.perf_counter() - t0
-    if args.no_slurm_probe:
-        shim = root / "no_slurm_probe"
-        shim.mkdir(exist_ok=True)
-        (shim / "scontrol").write_text("#!/bin/sh\nexit 1\n")
-        (shim / "scontrol").chmod(0o755)
-        os.environ["PATH"] = f"{shim}{os.pathsep}{os.environ['PATH']}"
+    probe_s = bs.slurm_probe(root, args.no_slurm_probe)
     smk_version = subprocess.run([str(SNAKEMAKE), "--version"], capture_output=True, text=True).stdout.strip()
 
     s2 = s2tile_spec()

@@ -623,6 +623,23 @@ def report(result) -> str:
 # --- main -------------------------------------------------------------------------------------------------------
 
 
+def slurm_probe(root: Path, stub: bool) -> float | None:
+    """Seconds `scontrol show config` takes here (None without Slurm); with ``stub``, a failing `scontrol`
+    goes first on this process's PATH, so the Snakemake calls it starts skip the plugin's ~9 s probe."""
+    probe_s = None
+    if shutil.which("scontrol"):
+        t0 = time.perf_counter()
+        subprocess.run(["scontrol", "show", "config"], capture_output=True, timeout=60)
+        probe_s = time.perf_counter() - t0
+    if stub:
+        shim = root / "no_slurm_probe"
+        shim.mkdir(exist_ok=True)
+        (shim / "scontrol").write_text("#!/bin/sh\nexit 1\n")
+        (shim / "scontrol").chmod(0o755)
+        os.environ["PATH"] = f"{shim}{os.pathsep}{os.environ['PATH']}"
+    return probe_s
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--grid", choices=sorted(GRIDS), default="small")
@@ -661,17 +678,7 @@ def main() -> None:
     root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="stfuse_scaling_"))
     root.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
-    probe_s = None
-    if shutil.which("scontrol"):
-        t0 = time.perf_counter()
-        subprocess.run(["scontrol", "show", "config"], capture_output=True, timeout=60)
-        probe_s = time.perf_counter() - t0
-    if args.no_slurm_probe:
-        shim = root / "no_slurm_probe"
-        shim.mkdir(exist_ok=True)
-        (shim / "scontrol").write_text("#!/bin/sh\nexit 1\n")
-        (shim / "scontrol").chmod(0o755)
-        os.environ["PATH"] = f"{shim}{os.pathsep}{os.environ['PATH']}"
+    probe_s = slurm_probe(root, args.no_slurm_probe)
     ver = [time_version() for _ in range(args.dag_repeat)]
 
     total_budget = args.total_budget if args.total_budget is not None else grid.get("total_budget")
