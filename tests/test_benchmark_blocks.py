@@ -20,47 +20,22 @@ import pytest
 
 from stfuse import benchmark, metrics
 
+from test_score_blocks import BANDS, CHANNELS, region_arrays  # one generator of the test region
+
 RTOL = 1e-9
-BANDS = ["B02", "B03", "B04", "B08"]
-CHANNELS = ([{"name": b, "sensor": "S2", "kind": "optical"} for b in BANDS]
-            + [{"name": "valid", "sensor": "S2", "kind": "valid"}]
-            + [{"name": p, "sensor": "S1", "kind": "sar"} for p in ("VV", "VH")])
 
 
 def study(tmp_path, seed=0, t=7, h=29, w=34):
     """A cube dir, hidden.npy, heldout and main filled.npy (written like the workflow's), and the truth."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w]
-    base = 0.25 + 0.1 * np.sin(yy / 4.0) * np.cos(xx / 6.0)
-    vv = rng.normal(-12.0, 3.0, (t, h, w))
-    vh = rng.normal(-19.0, 3.0, (t, h, w))
-    truth = np.stack([base + 0.05 * b + 0.004 * vv + 0.003 * vh + 0.01 * rng.standard_normal((t, h, w))
-                      for b in range(len(BANDS))], axis=1).astype(np.float32)
-    blobs = rng.random((t, h // 4 + 1, w // 4 + 1)) < rng.uniform(0.1, 0.5, t)[:, None, None]
-    clear = ~np.repeat(np.repeat(blobs, 4, axis=1), 4, axis=2)[:, :h, :w]
-    clear[0] = True                                   # the evaluation dates
-    clear[4, :, :-3] = True
-    valid = clear.astype(np.float32)
-    valid[:, :2, :4] = np.nan                         # outside the footprint
-    opt = np.where(clear[:, None], truth, np.nan)
-    opt[:, :, :2, :4] = np.nan
-    sar = np.stack([vv, vh], axis=1).astype(np.float32)
-    sar[3, :, 5:9] = np.nan                           # no SAR paired there
-    cube = np.concatenate([opt, valid[:, None], sar], axis=1).astype(np.float32)
-    meta = {"channels": CHANNELS, "dates": [{"start_time": str(d)[:19] + "Z"}
-                                    for d in np.datetime64("2023-05-01T10:00:00") + 3 * np.arange(t) * np.timedelta64(1, "D")]}
+    cube, meta, truth, filled = region_arrays(seed=seed, t=t, h=h, w=w)
     (tmp_path / "cube").mkdir()
     np.save(tmp_path / "cube" / "cube.npy", cube)
     (tmp_path / "cube" / "cube.json").write_text(json.dumps(meta))
     hidden, _ = benchmark.choose_holdout(cube, meta, min_clear=0.85, seed=seed, max_fraction=0.9)
     np.save(tmp_path / "hidden.npy", hidden)
     for variant in ("heldout", "main"):
-        filled = truth + 0.02 * rng.standard_normal(truth.shape).astype(np.float32)
-        filled[rng.random(filled.shape) < 0.02] = np.nan    # some cells the model left unfilled
         (tmp_path / variant).mkdir()
-        np.save(tmp_path / variant / "filled.npy", filled)
-    truth = truth.copy()
-    truth[:, :, :2, :4] = np.nan
+        np.save(tmp_path / variant / "filled.npy", filled[variant])
     np.save(tmp_path / "truth.npy", truth)
     return tmp_path
 
