@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -10,9 +11,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from stfuse.dataset import DT_SCALE_DAYS, GapFillDataset, InputAssembler
+from stfuse.dataset import DT_SCALE_DAYS, GapFillDataset, InputAssembler, TileFile
 from stfuse.prior import temporal_prior
-from stfuse.tiles import export_tiles
+from stfuse.tiles import TILES_FILE, export_tiles
 
 OFFSETS = [0.0, 5.0, 10.0, 20.0, 25.0, 35.0, 40.5]  # days after the first date
 T = len(OFFSETS)
@@ -317,19 +318,56 @@ def test_default_collate(tiles_dir):
 def test_pickle_after_use(tiles_dir):
     ds = GapFillDataset(tiles_dir, extra_mask_fraction=1.0, extra_mask_seed=0)
     first = ds[1]
-    assert ds._array is not None
+    assert ds._files and ds._files[0]._fd is not None  # open in this process
     blob = pickle.dumps(ds)
     assert len(blob) < 100_000  # the tile array is not in the pickle
     clone = pickle.loads(blob)
-    assert clone._array is None
+    assert not clone._files
     assert torch.equal(clone[1]["image"], first["image"])
+
+
+def test_tiles_are_read_not_memory_mapped(tiles_dir):
+    """Pages of a memory map count in the process's RSS, so a training job grew with the store:
+    the dataset reads with positioned reads and never maps tiles.npy."""
+    ds = GapFillDataset(tiles_dir, extra_mask_fraction=1.0, extra_mask_seed=0)
+    for i in range(len(ds)):
+        ds[i]
+    maps = Path("/proc/self/maps").read_text()
+    assert TILES_FILE not in maps
+
+
+def test_tile_file_reads_what_numpy_loads(tiles_dir):
+    path = Path(tiles_dir) / TILES_FILE
+    want = np.load(path)
+    tf = TileFile(path)
+    assert tf.shape == want.shape and len(tf) == want.shape[0]
+    tile = tf[want.shape[0] - 1]
+    assert len(tile) == want.shape[1]
+    for d in (0, want.shape[1] - 1):
+        got = tile[d]
+        np.testing.assert_array_equal(got, want[-1, d])
+        assert got.flags.writeable
+    with pytest.raises(IndexError, match="date"):
+        tile[want.shape[1]]
+    with pytest.raises(IndexError, match="tile"):
+        tf[want.shape[0]]
+    tf.close()
+
+
+def test_tile_file_truncated_is_named(tiles_dir, tmp_path):
+    path = Path(tiles_dir) / TILES_FILE
+    cut = tmp_path / TILES_FILE
+    cut.write_bytes(path.read_bytes()[:-100])
+    tf = TileFile(cut)
+    with pytest.raises(OSError, match=f"{cut}.*truncated"):
+        tf[len(tf) - 1][tf.shape[1] - 1]
 
 
 @pytest.mark.parametrize("context", ["fork", "spawn"])
 def test_dataloader_workers_match_single_process(tiles_dir, context):
     ds = GapFillDataset(tiles_dir, extra_mask_fraction=0.5, extra_mask_seed=5)
     reference = _batches(ds, num_workers=0)
-    ds[0]  # the memmap is open in this process: workers must still open their own
+    ds[0]  # the tile file is open in this process: workers must still open their own
     _assert_same(reference, _batches(ds, num_workers=2, multiprocessing_context=context))
 
 

@@ -10,6 +10,7 @@ from stfuse.metrics import (
     SSIM_HALO,
     clear_fraction,
     days_to_nearest_valid,
+    ScoreSums,
     merge_scores,
     partial_scores,
     score,
@@ -57,6 +58,11 @@ def edges(n, k):
 
 
 def blockwise(truth, filled, hidden, gap_days, cloud, rows, cols, halo=SSIM_HALO):
+    return merge_scores(block_parts(truth, filled, hidden, gap_days, cloud, rows, cols, halo))
+
+
+def block_parts(truth, filled, hidden, gap_days, cloud, rows, cols, halo=SSIM_HALO):
+    """Each block's partial_scores, as the workflow's score_block jobs make them."""
     h, w = truth.shape[2:]
     blocks = []
     for r0, r1 in rows:
@@ -70,7 +76,7 @@ def blockwise(truth, filled, hidden, gap_days, cloud, rows, cols, halo=SSIM_HALO
                             data_range=1.0, gap_days=gap_days[:, rs, cs], cloud_fraction=cloud,
                             core=core, win_size=ssim_win_size((h, w)), ssim_fill=fill)
              for (rs, cs), core in blocks]
-    return merge_scores(parts)
+    return parts
 
 
 def assert_same(a: pd.DataFrame, b: pd.DataFrame, rtol=RTOL):
@@ -119,6 +125,23 @@ def test_merge_does_not_depend_on_block_order():
                                         cloud_fraction=cloud, core=(r0 - a0, c0 - b0, r1 - r0, c1 - c0),
                                         win_size=7))
     pd.testing.assert_frame_equal(merge_scores(parts), merge_scores(parts[::-1]), check_exact=True)
+
+
+def test_running_sums_keep_floats_not_tables():
+    """The merge of a whole tile's blocks holds one id and one value per non-zero row of each part
+    (all rows of the first): its memory does not hold the parts' tables."""
+    truth, filled, hidden, gap, cloud = scene(seed=2)
+    parts = block_parts(truth, filled, hidden, gap, cloud, edges(40, 3), edges(52, 4))
+    sums = ScoreSums()
+    for part in parts:
+        sums.add(part)
+    kept = sum(len(v) for v in sums._values)
+    ranges = [(p.part == "data_range").sum() for p in parts]
+    nonzero = [((p.value != 0) & (p.part != "data_range")).sum() for p in parts]
+    assert kept == len(parts[0]) - ranges[0] + sum(nonzero[1:]) < sum(len(p) for p in parts)
+    whole = score(truth, filled, hidden, BANDS, data_range=1.0, gap_days=gap, cloud_fraction=cloud)
+    assert_same(sums.table(), whole)
+    pd.testing.assert_frame_equal(sums.table(), merge_scores(parts[::-1]), check_exact=True)
 
 
 def test_a_halo_smaller_than_ssim_halo_changes_ssim_only():

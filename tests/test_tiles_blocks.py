@@ -197,10 +197,22 @@ def test_store_dataset_pickles_and_loads_in_workers(store):
     ds = GapFillDataset(store, "train", k_neighbours=1)
     first = ds[0]
     clone = pickle.loads(pickle.dumps(ds))
-    assert not clone._maps
+    assert not clone._files
     assert torch.equal(clone[0]["image"], first["image"])
     loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2)
     assert sum(batch["image"].shape[0] for batch in loader) == len(ds)
+
+
+def test_store_dataset_with_one_open_file_at_a_time(store, monkeypatch):
+    """A store has a tiles.npy per block (484 for s2tile): the dataset keeps only a few open."""
+    from stfuse import dataset
+
+    want = [s["image"] for s in _samples(GapFillDataset(store, "train", k_neighbours=1))]
+    monkeypatch.setattr(dataset, "MAX_OPEN_TILE_FILES", 1)
+    ds = GapFillDataset(store, "train", k_neighbours=1)
+    got = [s["image"] for s in _samples(ds)]
+    assert len(ds._files) == 1  # of len(ds._store_paths) files, evicted in turn
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
 
 
 def test_empty_block_and_no_training_tile(tmp_path):

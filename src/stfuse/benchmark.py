@@ -597,20 +597,19 @@ class Quicklook:
 
 
 class PartsMerger:
-    """The blocks' partial score tables, kept per (protocol, method) in first-seen order, merged at the end."""
+    """The blocks' partial score tables folded, per (protocol, method) in first-seen order, into running exact
+    sums (:class:`stfuse.metrics.ScoreSums`): memory for one block's tables at a time, whatever the blocks."""
 
     def __init__(self):
-        self.parts: dict[tuple[str, str], list[pd.DataFrame]] = {}
+        self.sums: dict[tuple[str, str], metrics.ScoreSums] = {}
 
     def add(self, parts: dict) -> None:
         for key, part in parts.items():
-            got = self.parts.setdefault(key, [])
-            # zero sums add nothing to merge_scores' exact sums: only the first part needs every row
-            got.append(part if not got else part[part.value != 0])
+            self.sums.setdefault(key, metrics.ScoreSums()).add(part)
 
     def table(self) -> pd.DataFrame:
-        return pd.concat([metrics.merge_scores(p).assign(method=name, protocol=protocol)
-                          for (protocol, name), p in self.parts.items()], ignore_index=True)
+        return pd.concat([s.table().assign(method=name, protocol=protocol)
+                          for (protocol, name), s in self.sums.items()], ignore_index=True)
 
 
 def write_outputs(out_dir, table: pd.DataFrame, quick: Quicklook, ctx: ScoreContext, dates: list[dict]) -> None:

@@ -29,6 +29,7 @@ __all__ = [
     "PART_COLUMNS",
     "SSIM_HALO",
     "SSIM_WIN",
+    "ScoreSums",
     "apply_donors",
     "clear_fraction",
     "days_to_nearest_valid",
@@ -527,72 +528,114 @@ def merge_scores(parts) -> pd.DataFrame:
     float summation inside the blocks (and of skimage's running-sum window filter, which starts
     at each block's edge): relative differences of order 1e-15, well below 1e-9.
     """
-    parts = [p for p in parts]
-    if not parts:
-        raise ValueError("merge_scores needs at least one part")
-    df = pd.concat(parts, ignore_index=True)
-    missing = set(PART_COLUMNS) - set(df.columns)
-    if missing:
-        raise ValueError(f"parts lack the columns {sorted(missing)}")
-    ranges = df.loc[df.part == "data_range", "value"].unique()
-    if ranges.size != 1:
-        raise ValueError(f"parts disagree on data_range (or lack it): {list(ranges)}")
-    data_range = float(ranges[0])
-    df = df[df.part != "data_range"]
-    keys = ["band", "gap_bin", "cloud_bin", "date", "part"]
-    total = df.groupby(keys, sort=False)["value"].agg(lambda s: math.fsum(s.to_numpy()))
-    val = total.to_dict()
+    sums = ScoreSums()
+    for part in parts:
+        sums.add(part)
+    return sums.table()
 
-    first = parts[0]
-    combos = list(dict.fromkeys(zip(first.loc[first.part == "n", "gap_bin"],
-                                    first.loc[first.part == "n", "cloud_bin"])))
-    bands = list(dict.fromkeys(first.loc[first.part == "abs_err", "band"]))
-    nb = len(bands)
-    ssim_rows = df[df.part == "ssim_n"]
-    dates = sorted({int(d) for d in ssim_rows.date})
-    date_label = dict(zip(ssim_rows.date.astype(int), ssim_rows.cloud_bin))
-    ssim_n = np.array([val[(ALL, ALL, date_label[d], d, "ssim_n")] for d in dates], dtype=np.float64)
-    ssim_mean = np.array([[val.get((b, ALL, date_label[d], d, "ssim_sum"), np.nan) for b in bands]
-                          for d in dates], dtype=np.float64).reshape(len(dates), nb)
-    ssim_mean = ssim_mean / ssim_n[:, None] if dates else ssim_mean
-    date_labels = np.array([date_label[d] for d in dates], dtype=object)
 
-    rows = []
-    for g_label, c_label in combos:
-        n = int(val[(ALL, g_label, c_label, -1, "n")])
-        n_un = int(val[(ALL, g_label, c_label, -1, "n_unfilled")])
-        abs_b = np.array([val[(b, g_label, c_label, -1, "abs_err")] for b in bands], dtype=np.float64)
-        sq_b = np.array([val[(b, g_label, c_label, -1, "sq_err")] for b in bands], dtype=np.float64)
-        mse_b = sq_b / n if n else np.full(nb, np.nan)
-        mae_b = abs_b / n if n else np.full(nb, np.nan)
-        for b, name in enumerate(bands):
-            rows.append((name, "mae", g_label, c_label, float(mae_b[b]), n, n_un))
-            rows.append((name, "rmse", g_label, c_label, float(np.sqrt(mse_b[b])), n, n_un))
-            rows.append((name, "psnr", g_label, c_label, _psnr_from_mse(mse_b[b], data_range), n, n_un))
-        pooled_mse = float(mse_b.mean()) if n else float("nan")
-        rows.append((ALL, "mae", g_label, c_label, float(mae_b.mean()) if n else float("nan"), n, n_un))
-        rows.append((ALL, "rmse", g_label, c_label, float(np.sqrt(pooled_mse)), n, n_un))
-        rows.append((ALL, "psnr", g_label, c_label, _psnr_from_mse(pooled_mse, data_range), n, n_un))
-        sam_n = val[(ALL, g_label, c_label, -1, "sam_n")]
-        sam_v = val[(ALL, g_label, c_label, -1, "sam_sum")] / sam_n if sam_n else float("nan")
-        rows.append((ALL, "sam", g_label, c_label, float(sam_v), n, n_un))
-        if g_label == ALL:  # SSIM: whole-image metric, only in the 'all' gap bin
-            sel = np.ones(len(dates), dtype=bool) if c_label == ALL else date_labels == c_label
-            wts = ssim_n[sel]
-            if wts.sum() > 0:
-                per_band = (ssim_mean[sel] * wts[:, None]).sum(axis=0) / wts.sum()
-            else:
-                per_band = np.full(nb, np.nan)
+class ScoreSums:
+    """:func:`merge_scores` as a running sum: :meth:`add` folds in one block's :func:`partial_scores`
+    table at a time and keeps only its floats (a row id and a value per row; the zero rows of every
+    part but the first add nothing to a sum and are dropped), so merging the blocks of a whole
+    Sentinel-2 tile holds a few arrays, not hundreds of tables. :meth:`table` sums each row over
+    the parts with ``math.fsum`` (correctly rounded, so independent of the order of the parts) and
+    finishes the metrics.
+    """
+
+    _KEYS = ("band", "gap_bin", "cloud_bin", "date", "part")
+
+    def __init__(self):
+        self._id: dict[tuple, int] = {}         # row key -> id, in first-seen order
+        self._ids: list[np.ndarray] = []
+        self._values: list[np.ndarray] = []
+        self._ranges: set[float] = set()
+        self._combos: list[tuple] | None = None  # (gap_bin, cloud_bin) rows and bands: the first part's
+        self._bands: list[str] | None = None
+
+    def add(self, part: pd.DataFrame) -> None:
+        missing = set(PART_COLUMNS) - set(part.columns)
+        if missing:
+            raise ValueError(f"parts lack the columns {sorted(missing)}")
+        is_range = (part.part == "data_range").to_numpy()
+        self._ranges.update(float(v) for v in part.value.to_numpy()[is_range])
+        part = part[~is_range]
+        if self._combos is None:
+            n_rows = part[part.part == "n"]
+            self._combos = list(dict.fromkeys(zip(n_rows.gap_bin, n_rows.cloud_bin)))
+            self._bands = list(dict.fromkeys(part.loc[part.part == "abs_err", "band"]))
+        else:
+            part = part[part.value.to_numpy() != 0]
+        ids = self._id
+        keys = zip(*(part[k].to_numpy() for k in self._KEYS))
+        self._ids.append(np.fromiter((ids.setdefault(key, len(ids)) for key in keys), np.int64, len(part)))
+        self._values.append(part.value.to_numpy(np.float64))
+
+    def totals(self) -> dict[tuple, float]:
+        """Row key -> its value summed over the parts (``math.fsum``)."""
+        if not self._ids:
+            return {}
+        ids = np.concatenate(self._ids)
+        order = np.argsort(ids, kind="stable")
+        ids, values = ids[order], np.concatenate(self._values)[order]
+        starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+        keys = list(self._id)
+        return {keys[int(ids[a])]: math.fsum(g) for a, g in zip(starts, np.split(values, starts[1:]))}
+
+    def table(self) -> pd.DataFrame:
+        """:func:`score`'s table of everything added so far."""
+        if self._combos is None:
+            raise ValueError("merge_scores needs at least one part")
+        if len(self._ranges) != 1:
+            raise ValueError(f"parts disagree on data_range (or lack it): {sorted(self._ranges)}")
+        data_range = next(iter(self._ranges))
+        val = self.totals()
+        combos, bands = self._combos, self._bands
+        nb = len(bands)
+        date_label = {int(d): c for (_, _, c, d, part) in self._id if part == "ssim_n"}
+        dates = sorted(date_label)
+        ssim_n = np.array([val[(ALL, ALL, date_label[d], d, "ssim_n")] for d in dates], dtype=np.float64)
+        ssim_mean = np.array([[val.get((b, ALL, date_label[d], d, "ssim_sum"), np.nan) for b in bands]
+                              for d in dates], dtype=np.float64).reshape(len(dates), nb)
+        ssim_mean = ssim_mean / ssim_n[:, None] if dates else ssim_mean
+        date_labels = np.array([date_label[d] for d in dates], dtype=object)
+
+        rows = []
+        for g_label, c_label in combos:
+            n = int(val[(ALL, g_label, c_label, -1, "n")])
+            n_un = int(val[(ALL, g_label, c_label, -1, "n_unfilled")])
+            abs_b = np.array([val[(b, g_label, c_label, -1, "abs_err")] for b in bands], dtype=np.float64)
+            sq_b = np.array([val[(b, g_label, c_label, -1, "sq_err")] for b in bands], dtype=np.float64)
+            mse_b = sq_b / n if n else np.full(nb, np.nan)
+            mae_b = abs_b / n if n else np.full(nb, np.nan)
             for b, name in enumerate(bands):
-                rows.append((name, "ssim", g_label, c_label, float(per_band[b]), n, n_un))
-            rows.append((ALL, "ssim", g_label, c_label, float(per_band.mean()) if nb else float("nan"),
-                         n, n_un))
-    out = pd.DataFrame(rows, columns=list(SCORE_COLUMNS))
-    order = {m: i for i, m in enumerate(METRICS)}
-    band_order = {b: i for i, b in enumerate(bands + [ALL])}
-    out = out.sort_values(["metric", "band"], kind="stable",
-                          key=lambda col: col.map(order if col.name == "metric" else band_order))
-    return out.reset_index(drop=True)
+                rows.append((name, "mae", g_label, c_label, float(mae_b[b]), n, n_un))
+                rows.append((name, "rmse", g_label, c_label, float(np.sqrt(mse_b[b])), n, n_un))
+                rows.append((name, "psnr", g_label, c_label, _psnr_from_mse(mse_b[b], data_range), n, n_un))
+            pooled_mse = float(mse_b.mean()) if n else float("nan")
+            rows.append((ALL, "mae", g_label, c_label, float(mae_b.mean()) if n else float("nan"), n, n_un))
+            rows.append((ALL, "rmse", g_label, c_label, float(np.sqrt(pooled_mse)), n, n_un))
+            rows.append((ALL, "psnr", g_label, c_label, _psnr_from_mse(pooled_mse, data_range), n, n_un))
+            sam_n = val[(ALL, g_label, c_label, -1, "sam_n")]
+            sam_v = val[(ALL, g_label, c_label, -1, "sam_sum")] / sam_n if sam_n else float("nan")
+            rows.append((ALL, "sam", g_label, c_label, float(sam_v), n, n_un))
+            if g_label == ALL:  # SSIM: whole-image metric, only in the 'all' gap bin
+                sel = np.ones(len(dates), dtype=bool) if c_label == ALL else date_labels == c_label
+                wts = ssim_n[sel]
+                if wts.sum() > 0:
+                    per_band = (ssim_mean[sel] * wts[:, None]).sum(axis=0) / wts.sum()
+                else:
+                    per_band = np.full(nb, np.nan)
+                for b, name in enumerate(bands):
+                    rows.append((name, "ssim", g_label, c_label, float(per_band[b]), n, n_un))
+                rows.append((ALL, "ssim", g_label, c_label, float(per_band.mean()) if nb else float("nan"),
+                             n, n_un))
+        out = pd.DataFrame(rows, columns=list(SCORE_COLUMNS))
+        order = {m: i for i, m in enumerate(METRICS)}
+        band_order = {b: i for i, b in enumerate(bands + [ALL])}
+        out = out.sort_values(["metric", "band"], kind="stable",
+                              key=lambda col: col.map(order if col.name == "metric" else band_order))
+        return out.reset_index(drop=True)
 
 
 def score(truth, pred, hidden, bands, *, data_range: float = 1.0, gap_days=None,

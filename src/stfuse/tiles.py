@@ -27,7 +27,8 @@ Files written by :func:`export_tiles` (read back with :func:`load_tiles`)
 ------------------------------------------------------------------------
 ``tiles.npy``
     float32 (N, T, C, size, size), a plain ``.npy`` written through
-    ``numpy.lib.format.open_memmap``; readers memory-map it (``np.load(..., mmap_mode="r")``).
+    ``numpy.lib.format.open_memmap``; :func:`load_tiles` memory-maps it, the training dataset
+    reads it a (tile, date) at a time (:class:`stfuse.dataset.TileFile`).
 ``index.csv``
     one row per tile in ``tiles.npy`` order: ``tile`` (row in ``tiles.npy``), ``row``, ``col``
     (upper-left pixel in the full region), ``split`` (``train`` | ``val``), ``valid_fraction``

@@ -9,7 +9,7 @@ rule train_model:
         clear_fraction=f"{RESULTS}/{{variant}}/tiles/clear_fraction.npy",
         channels=f"{RESULTS}/{{variant}}/tiles/channels.json",
         stats=f"{RESULTS}/{{variant}}/tiles/stats.json",
-        # the tile store's tiles stay in the blocks' files (read memory-mapped, never concatenated)
+        # the tile store's tiles stay in the blocks' files (read a date at a time, never concatenated)
         tiles=per_block(f"{RESULTS}/{{variant}}/blocks/{{block}}/tiles/tiles.npy"),
         summaries=per_block(f"{RESULTS}/{{variant}}/blocks/{{block}}/tiles/tiles.json"),
     output:
