@@ -45,7 +45,8 @@ Usage::
 
     .venv/bin/python benchmarks/bench_blocks.py --no-slurm-probe --json blocks.json
         [--sides 512,1024,2048] [--dates 50] [--block-size 256] [--tile-size 32] [--samples-per-epoch 2000]
-        [--cores 2] [--cores-side 1024 | --no-cores-test] [--cores-compare 1,2] [--pin] [--predict-threads N]
+        [--cores 2] [--cores-side 1024 | --no-cores-test] [--cores-compare 1,2] [--cores-repeats 3] [--pin]
+        [--predict-threads N]
         [--targets register] [--nodes 10 --cores-per-node 16] [--workdir DIR --keep] [--ignore-disk]
         [--sample-s 0.2]
     .venv/bin/python benchmarks/bench_blocks.py --smoke          # 10 dates x 64^2, 128^2, blocks.size 64
@@ -418,28 +419,33 @@ def block_outputs(work: Path) -> list[str]:
 
 
 def cores_test(work: Path, cfg: Path, study: str, args) -> dict:
-    """The block stages again from the finished upstream, forced, with each of --cores-compare."""
+    """The block stages again from the finished upstream, forced, with each of --cores-compare, --cores-repeats
+    times (the settings alternate within each repeat, so drifting load hits them alike). ``runs[n]`` is the repeat
+    with the median block wall time; ``repeats[n]`` every repeat's."""
     targets = block_outputs(work)
     rules = list(BLOCK_STAGES)
     extra = ["--forcerun", *rules, "--allowed-rules", *rules]
     avail = sorted(os.sched_getaffinity(0))
-    out = dict(targets=len(targets), pinned=args.pin, runs={})
-    for n in args.cores_compare:
-        cpus = set(avail[:n]) if args.pin else None
-        print(f"  [cores test] block stages with --cores {n}{' (pinned to CPUs %s)' % sorted(cpus) if cpus else ''}"
-              " ...", file=sys.stderr, flush=True)
-        run = run_snakemake(work, cfg, study, targets, n, extra, args, f"cores{n}", cpus=cpus)
-        jobs, _ = collect_jobs(work, study, run, since=run["start"] - 1)
-        blockjobs = {k: j for k, j in jobs.items() if j["rule"] in BLOCK_STAGES}
-        out["runs"][str(n)] = dict(
-            wall_s=run["wall_s"], jobs=len(blockjobs),
-            block_wall_s=union_length([(j["start"], j["end"]) for j in blockjobs.values()]),
-            block_span_s=(max(j["end"] for j in blockjobs.values()) - min(j["start"] for j in blockjobs.values()))
-            if blockjobs else None,
-            stages=summarize(blockjobs, BLOCK_STAGES), tree_peak_mb=run["tree_peak_mb"],
-            load_avg_after=os.getloadavg())
-        print(f"  [cores test] --cores {n}: {run['wall_s']:.0f} s, {len(blockjobs)} block jobs", file=sys.stderr,
-              flush=True)
+    out = dict(targets=len(targets), pinned=args.pin, runs={}, repeats={str(n): [] for n in args.cores_compare})
+    for r in range(args.cores_repeats):
+        for n in args.cores_compare if r % 2 == 0 else args.cores_compare[::-1]:
+            cpus = set(avail[:n]) if args.pin else None
+            print(f"  [cores test {r + 1}/{args.cores_repeats}] block stages with --cores {n}"
+                  f"{' (pinned to CPUs %s)' % sorted(cpus) if cpus else ''} ...", file=sys.stderr, flush=True)
+            run = run_snakemake(work, cfg, study, targets, n, extra, args, f"cores{n}", cpus=cpus)
+            jobs, _ = collect_jobs(work, study, run, since=run["start"] - 1)
+            blockjobs = {k: j for k, j in jobs.items() if j["rule"] in BLOCK_STAGES}
+            out["repeats"][str(n)].append(dict(
+                wall_s=run["wall_s"], jobs=len(blockjobs),
+                block_wall_s=union_length([(j["start"], j["end"]) for j in blockjobs.values()]),
+                block_span_s=(max(j["end"] for j in blockjobs.values()) - min(j["start"] for j in blockjobs.values()))
+                if blockjobs else None,
+                stages=summarize(blockjobs, BLOCK_STAGES), tree_peak_mb=run["tree_peak_mb"],
+                load_avg_after=os.getloadavg()))
+            print(f"  [cores test] --cores {n}: {run['wall_s']:.0f} s, {len(blockjobs)} block jobs", file=sys.stderr,
+                  flush=True)
+    for n, reps in out["repeats"].items():
+        out["runs"][n] = sorted(reps, key=lambda x: x["block_wall_s"])[(len(reps) - 1) // 2]  # odd counts: the median
     return out
 
 
@@ -805,6 +811,14 @@ def markdown(result: dict) -> str:
                      + f" | **{fmt(sp_(w[0], w[-1]), 2)}** | " + " | ".join("" for _ in ns) + " |")
         lines.append("| Snakemake call wall (incl. start-up, DAG) | " + " | ".join(fmt(v) for v in sw)
                      + f" | {fmt(sp_(sw[0], sw[-1]), 2)} | " + " | ".join("" for _ in ns) + " |")
+        reps = t.get("repeats", {})
+        if reps and len(reps[ns[0]]) > 1:
+            lines.append(f"\nThe table's columns are the median of {len(reps[ns[0]])} repeats (by block-stage wall). "
+                         "Every repeat's block-stage wall s: " + "; ".join(
+                             f"--cores {n}: " + ", ".join(fmt(x["block_wall_s"]) for x in reps[n]) for n in ns)
+                         + "; per-repeat speedups: " + ", ".join(
+                             fmt(sp_(a["block_wall_s"], b["block_wall_s"]), 2) for a, b in zip(reps[ns[0]], reps[ns[-1]]))
+                         + ".")
         s = sp_(w[0], w[-1])
         ok = "–" if s is None else "met" if s >= SPEEDUP_TARGET else "NOT met"
         lines.append(f"\nBlock-stage speedup --cores {ns[0]} -> {ns[-1]}: **{fmt(s, 2)}x** (target >= "
@@ -819,9 +833,16 @@ def markdown(result: dict) -> str:
                   " Wall s / CPU s.\n"])
     old_cols = list(OLD_PATH)
     new_cols = [c for c in cells if c["side"] in (512, 1024)] or [small]
+    one = result.get("one_block") if result.get("one_block") and "error" not in result["one_block"] else None
+    if one:
+        lines.append(f"Baseline of the same run: {one['label']} as **one block** (blocks.size {one['side']}: no halo, "
+                     "one job per stage, the whole region in memory as before blocks), against the smallest cell in "
+                     f"{small['blocks']} blocks.\n")
     lines.extend(["| stage | " + " | ".join(f"old {k}" for k in old_cols) + " | "
-                  + " | ".join(f"new {c['label']}" for c in new_cols) + " | new / old B (512²) |",
-                  "| --- |" + " ---: |" * (len(old_cols) + len(new_cols) + 1)])
+                  + " | ".join(f"new {c['label']}" for c in new_cols)
+                  + (f" | one block {one['label']} | blocks / one block" if one else "")
+                  + " | new / old B (512²) |",
+                  "| --- |" + " ---: |" * (len(old_cols) + len(new_cols) + 1 + (2 if one else 0))])
     for key, (rules, variant) in PER_CELL_DATE.items():
         row = []
         for k in old_cols:
@@ -839,6 +860,14 @@ def markdown(result: dict) -> str:
             cp = sum(j["cpu_s"] or 0 for j in js) / n * 1e9 if js else None
             new_vals.append((c, s))
             row.append(f"{fmt(s, 0)} / {fmt(cp, 0)}")
+        if one:
+            js = [j for j in one["jobs"].values() if j["rule"] in rules and (variant is None or j.get("variant") == variant)]
+            n = one["pixels"] * one["dates"]
+            s1 = sum(j["s"] for j in js) / n * 1e9 if js else None
+            c1 = sum(j["cpu_s"] or 0 for j in js) / n * 1e9 if js else None
+            sb = next((s for c, s in new_vals if c["side"] == one["side"]), None)
+            row.append(f"{fmt(s1, 0)} / {fmt(c1, 0)}")
+            row.append(fmt(sb / s1 if sb and s1 else None, 2))
         ob = OLD_PATH["B 50d·512²"]
         n512 = [s for c, s in new_vals if c["side"] == 512 and c["dates"] == ob["dates"]]
         rel = n512[0] / (ob["s"][key] / (512 ** 2 * 50) * 1e9) if n512 and n512[0] and key in ob["s"] else None
@@ -937,6 +966,9 @@ def main() -> None:
                                                    "target, the whole workflow), e.g. register")
     ap.add_argument("--cores-side", type=int, default=1024, help="the cell whose block stages rerun per --cores")
     ap.add_argument("--cores-compare", default="1,2", help="--cores values of the cores test")
+    ap.add_argument("--cores-repeats", type=int, default=3, help="cores test: runs per --cores value (medians)")
+    ap.add_argument("--no-one-block-baseline", dest="one_block_baseline", action="store_false",
+                    help="skip the baseline run: the smallest cell again as one block (blocks.size = its side)")
     ap.add_argument("--no-cores-test", action="store_true")
     ap.add_argument("--pin", action="store_true", help="cores test: limit each run to that many CPUs as well")
     ap.add_argument("--nodes", type=int, default=10, help="s2tile extrapolation: cluster nodes")
@@ -1032,6 +1064,18 @@ def main() -> None:
         result["cells"].append(res)
         if args.json:  # partial results survive a later failure
             Path(args.json).write_text(json.dumps(result, indent=1, default=float) + "\n")
+
+    if args.one_block_baseline:
+        side = args.sides[0]
+        print(f"[{label(args.dates, side)}, one block] the same cell as one block (blocks.size {side}: no halo, "
+              "the whole region read at once) ...", file=sys.stderr, flush=True)
+        base_args = argparse.Namespace(**{**vars(args), "block_size": side})
+        try:
+            result["one_block"] = run_cell(root / "one_block", args.dates, side, base_args, cores_test_here=False,
+                                           largest=False, s2tile=s2)
+        except Exception as err:
+            result["one_block"] = dict(label=label(args.dates, side), side=side, error=str(err))
+            print(f"[one block] failed: {str(err)[-2000:]}", file=sys.stderr, flush=True)
 
     result["s2tile"]["block_read_cells"] = s2["block_read_cells"]
     result["extrapolation"] = extrapolate(result)
