@@ -116,3 +116,23 @@ def test_snakemake_command_puts_targets_before_configfile():
     cmd = cli.snakemake_command(ROOT, Path("/x/c.yaml"), 2, ["register"], True, ["--quiet"])
     assert cmd.index("register") < cmd.index("--configfile")
     assert cmd[-2:] == ["--configfile", "/x/c.yaml"]
+
+
+def test_progress_lines_are_rate_limited(caplog):
+    import logging
+
+    from stfuse.logs import Progress
+
+    log = logging.getLogger("stfuse.test_progress")
+    ticks = iter([1.0, 2.0, 50.0, 51.0, 52.0])
+    with caplog.at_level(logging.INFO, logger="stfuse.test_progress"):
+        p = Progress(log, "inference", 5, "windows", every_s=10.0)
+        p._clock = lambda: next(ticks)
+        p.start = 0.0
+        for _ in range(5):
+            p.step()
+    lines = [r.getMessage() for r in caplog.records]
+    # the first item, the first after 10 s, and the last: not one line per item
+    assert lines == ["inference: 1/5 windows (20%), 1 s, ~4 s left",
+                     "inference: 3/5 windows (60%), 50 s, ~33 s left",
+                     "inference: 5/5 windows (100%), 52 s, ~0 s left"]

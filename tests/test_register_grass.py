@@ -59,3 +59,21 @@ def test_lineage_in_description_and_history(registered):
     for text in (info, history):
         assert "abababababababab" in text and "cdcdcdcdcdcdcdcd" in text  # checkpoint and config hashes
     assert "S2@ingest_S2" in info
+
+
+def test_provenance_in_map_history_and_strds_description(tmp_path):
+    """The full config and the command land in every filled map's history and in the STRDS' metadata."""
+    scene, project, states = ingest_tiny(tmp_path)
+    dates = [{"start_time": g["start_time"]} for g in states["S2"]["granules"]]
+    filled = np.full((len(dates), 4, 32, 32), 0.2, np.float32)
+    flags = np.zeros((len(dates), 32, 32), np.uint8)
+    config = {"study": "tiny", "train": {"epochs": 7, "model": "unet"}}
+    text = register.provenance_text(config, "snakemake --cores 2 --configfile tiny.yaml")
+    state = register.register_filled(project, states["S2"], states["S1"], dates, filled, flags,
+                                     checkpoint_sha="ab" * 32, config_sha="cd" * 32, provenance=text)
+    with grass.session(project["project"], "register") as gs:
+        history = gs.read_command("r.info", flags="h", map=state["granules"][0]["maps"]["B02"])
+        info = gs.read_command("t.info", input=state["strds"])
+    for out in (history, info):
+        assert "snakemake --cores 2 --configfile tiny.yaml" in out
+        assert "epochs: 7" in out

@@ -54,7 +54,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
+from stfuse._optional import require_torch
+
+torch = require_torch(__name__)
 from torch.utils.data import Dataset
 
 from stfuse.prior import PRESENT_NAME, PRIOR_KIND, PRIOR_SUFFIX

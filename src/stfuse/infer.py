@@ -59,9 +59,12 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import torch
+from stfuse._optional import require_torch
+
+torch = require_torch(__name__)
 
 from stfuse.dataset import InputAssembler
+from stfuse.logs import Progress
 from stfuse.models import size_multiple
 from stfuse.prior import PRIOR_KIND, append_prior, prior_layout
 from stfuse.tiles import _check_channels, tile_origins
@@ -370,6 +373,7 @@ def _run_windows(run: _Run, strip_at, origins, sizes, n_dates, acc, area) -> Non
     buf = np.empty((max(sizes, default=1), assembler.n_input_channels, size, size), dtype=np.float32)
     cache, cache_key = {}, None  # per-date pieces of the current window, reused across t
     strip, strip_row = None, None  # rows of the current windows (origins are row-major)
+    progress = Progress(logger, "inference", len(items), "window-dates", every_s=30.0)
     with torch.inference_mode():
         for n, part in _batches(items, sizes):
             for j, (r, c, t) in enumerate(part):
@@ -387,6 +391,7 @@ def _run_windows(run: _Run, strip_at, origins, sizes, n_dates, acc, area) -> Non
             for j, (r, c, t) in enumerate(part):
                 (wr, wc), (ar, ac) = _clip(r, c, size, area)
                 acc[t, :, ar, ac] += pred[j][:, wr, wc] * window[wr, wc]
+            progress.step(len(part))
 
 
 def _finish(run: _Run, acc, weight, cube, outputs) -> tuple:

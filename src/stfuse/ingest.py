@@ -110,8 +110,10 @@ def import_sensor(gs, rows: pd.DataFrame, grid: Grid, sensor: str, spec: dict, *
     names = {}
     tgis.init()
     with tempfile.TemporaryDirectory(prefix="stfuse_ingest_") as tmp:
-        for band in bands:
+        for k, band in enumerate(bands, start=1):
             brows = rows[rows.semantic_label == band].sort_values("start_time")
+            log.info("%s: importing band %s (%d/%d), %d dates, %.0f s so far", sensor, band, k, len(bands),
+                     len(brows), time.perf_counter() - t0)
             is_mask = band == mask_band
             vrt = Path(tmp) / f"{band}.vrt"
             vrt.write_text(build_vrt(

@@ -24,3 +24,31 @@ def _log_uncaught(exc_type, exc, tb):
     logger.error("%s: %s", exc_type.__name__, exc)
     logger.debug("traceback", exc_info=(exc_type, exc, tb))
     sys.__excepthook__(exc_type, exc, tb)
+
+
+class Progress:
+    """Progress lines of a long step: ``what: 120/480 dates (25%), 12 s, ~37 s left``.
+
+    ``step(n)`` counts ``n`` more done items and logs at most every ``every_s`` seconds (and at the first
+    and last item), so a job's log shows it is alive without a line per item.
+    """
+
+    def __init__(self, logger: logging.Logger, what: str, total: int, unit: str = "items", every_s: float = 10.0):
+        import time
+
+        self._clock = time.perf_counter
+        self.logger, self.what, self.total, self.unit, self.every_s = logger, what, int(total), unit, every_s
+        self.done, self.start = 0, self._clock()
+        self._last = None
+
+    def step(self, n: int = 1) -> None:
+        self.done += n
+        now = self._clock()
+        if self._last is not None and now - self._last < self.every_s and self.done < self.total:
+            return
+        self._last = now
+        elapsed = now - self.start
+        left = elapsed / self.done * (self.total - self.done) if self.done else float("nan")
+        pct = 100.0 * self.done / self.total if self.total else 100.0
+        self.logger.info("%s: %d/%d %s (%.0f%%), %.0f s, ~%.0f s left", self.what, self.done, self.total,
+                         self.unit, pct, elapsed, left)

@@ -23,6 +23,7 @@ import pandas as pd
 from . import grassio
 from .grass import stage_session
 from .ingest import _register
+from .logs import Progress
 
 log = logging.getLogger("stfuse.register")
 
@@ -39,9 +40,22 @@ def config_sha256(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def provenance_text(config: dict, command: str | None = None) -> str:
+    """What made a filled series, for its maps' history and its STRDS description: the command, the stfuse
+    version and the whole config as YAML (with the schema's defaults filled in, as the run used it)."""
+    import yaml
+
+    from . import __version__
+
+    head = [f"stfuse {__version__}"] + ([f"command: {command}"] if command else [])
+    return "\n".join(head + ["config:", yaml.safe_dump(config, sort_keys=False, default_flow_style=False).rstrip()])
+
+
 def register_filled(project_state: dict, optical_state: dict, sar_state: dict, dates: list[dict],
-                    filled, flags, *, checkpoint_sha: str, config_sha: str) -> dict:
+                    filled, flags, *, checkpoint_sha: str, config_sha: str, provenance: str | None = None) -> dict:
     """Write and register the filled series; returns the JSON-able state (STRDS ids, maps, lineage).
+
+    ``provenance`` (:func:`provenance_text`): appended to every map's history and to the STRDS' description.
 
     ``filled`` (T, B, H, W) and ``flags`` (T, H, W): arrays, or anything with ``shape`` that gives a
     map's array for ``[t, b]`` / ``[t]`` (e.g. :class:`stfuse.cube.Mosaic` over the blocks' files)."""
@@ -54,6 +68,7 @@ def register_filled(project_state: dict, optical_state: dict, sar_state: dict, d
         )
     lineage = (f"stfuse gap-filling; checkpoint sha256 {checkpoint_sha[:16]}; config sha256 {config_sha[:16]}; "
                f"inputs {optical_state['strds']}, {optical_state['valid_strds']}, {sar_state['strds']}")
+    history = lineage if provenance is None else f"{lineage}\n{provenance}"
     reads = []
     with stage_session(project_state, "register", reads) as gs:
         import grass.temporal as tgis
@@ -61,6 +76,7 @@ def register_filled(project_state: dict, optical_state: dict, sar_state: dict, d
         tgis.init()
         mapset = gs.gisenv()["MAPSET"]
         band_lines, flag_lines, granules = [], [], []
+        progress = Progress(log, f"writing {sensor} filled maps", n_dates, "dates")
         for t, d in enumerate(dates):
             when = pd.Timestamp(d["start_time"])
             stamp, start = when.strftime("%Y%m%dT%H%M%S"), when.strftime("%Y-%m-%d %H:%M:%S")
@@ -68,20 +84,21 @@ def register_filled(project_state: dict, optical_state: dict, sar_state: dict, d
             for b, band in enumerate(bands):
                 name = f"{sensor}_filled_{band}_{stamp}"
                 grassio.write_map(filled[t, b], name, title=f"{sensor} {band} {d['start_time']} gap-filled",
-                                  history=lineage)
+                                  history=history)
                 band_lines.append(f"{name}|{start}|{band}")
                 maps[band] = f"{name}@{mapset}"
             flag = f"{sensor}_filledflag_{stamp}"
             flag_t = np.asarray(flags[t])  # one read (a Mosaic of blocks stitches it anew on each read)
             grassio.write_map(flag_t.astype(np.float32), flag, title=f"1 = filled by stfuse, {d['start_time']}",
-                              history=lineage)
+                              history=history)
             flag_lines.append(f"{flag}|{start}|filled")
             granules.append(dict(start_time=d["start_time"], maps=maps, flag=f"{flag}@{mapset}",
                                  filled_fraction=float(flag_t.mean())))
+            progress.step()
         with tempfile.TemporaryDirectory(prefix="stfuse_register_") as tmp:
-            strds = _register(gs, tgis, f"{sensor}_filled", band_lines, tmp, f"{sensor} gap-filled", lineage)
+            strds = _register(gs, tgis, f"{sensor}_filled", band_lines, tmp, f"{sensor} gap-filled", history)
             flag_strds = _register(gs, tgis, f"{sensor}_filled_flag", flag_lines, tmp,
-                                   f"{sensor} filled-pixel flags", "1 where stfuse filled the value. " + lineage)
+                                   f"{sensor} filled-pixel flags", "1 where stfuse filled the value. " + history)
     log.info("registered %s and %s: %d dates x %d bands in %.1f s", strds, flag_strds, n_dates, len(bands),
              time.perf_counter() - t0)
     return dict(strds=strds, flag_strds=flag_strds, mapset=mapset, bands=bands, lineage=lineage,

@@ -1,4 +1,7 @@
 # Config validation, paths and input functions shared by every stage.
+import os
+import shlex
+import sys
 from pathlib import Path
 
 from snakemake.utils import validate
@@ -12,6 +15,10 @@ if "grass_project" in config["input"]:
     import stfuse.existing
 
     stfuse.existing.check_config(config)  # the user's STRDS are read as they are: no scale/offset/nodata
+
+# The command as the user typed it, for the lineage of the filled series (register.py); setdefault: a job's own
+# Snakemake process (Slurm) inherits the first one.
+os.environ.setdefault("STFUSE_COMMAND", shlex.join(["snakemake", *sys.argv[1:]]))
 
 STUDY = config["study"]
 RESULTS = f"results/{STUDY}"

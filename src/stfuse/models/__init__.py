@@ -27,7 +27,9 @@ import importlib
 import pkgutil
 from typing import Callable
 
-import torch
+from stfuse._optional import require_torch
+
+torch = require_torch(__name__)
 
 __all__ = ["register", "build_model", "available", "size_multiple", "ResidualOnPrior",
            "zero_init_output"]

@@ -22,7 +22,9 @@ from __future__ import annotations
 import logging
 import numbers
 
-import torch
+from stfuse._optional import require_torch
+
+torch = require_torch(__name__)
 from torch import nn
 
 __all__ = ["ResidualOnPrior", "zero_init_output"]

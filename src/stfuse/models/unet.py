@@ -13,7 +13,9 @@ GroupNorm normalises over each tile, which makes results depend on the tile's co
 
 from __future__ import annotations
 
-import torch
+from stfuse._optional import require_torch
+
+torch = require_torch(__name__)
 from torch import nn
 
 from stfuse.models import register

@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from .. import baselines, benchmark, blocks, cube, metrics
+from ..logs import Progress
 
 log = logging.getLogger("stfuse.steps.score")
 
@@ -263,10 +264,12 @@ def score_step(block_score_dirs, stats_paths, holdout_json, cube_json, out_dir, 
     if len(dirs) != len(stats_paths):
         raise ValueError(f"{len(dirs)} block score dirs for {len(stats_paths)} first passes: every block is needed")
     merger, quick = benchmark.PartsMerger(), benchmark.Quicklook(ctx)
+    progress = Progress(log, "merging block scores", len(dirs), "blocks")
     for _, d in dirs:
         parts, piece = _read_block_scores(d)
         merger.add(parts)
         quick.paste(piece)
+        progress.step()
     table = merger.table()
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     benchmark.write_outputs(out_dir, table, quick, ctx, meta["dates"])
