@@ -7,13 +7,17 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 # The per-step conda envs (--sdm conda) pip-install stfuse from here; pip expands ${STFUSE_ROOT} there.
-os.environ["STFUSE_ROOT"] = workflow.basedir
+os.environ.update(STFUSE_ROOT=workflow.basedir)  # a write, not a required variable (no envvars:)
 
 
 # The demo config, unless a study is given with --configfile (which would otherwise be merged into it).
 if not workflow.config_settings.configfiles:
 
     configfile: "config/config.yaml"
+
+
+# The report (snakemake --report report.html) opens on what the workflow did.
+report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"

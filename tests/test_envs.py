@@ -1,6 +1,8 @@
 """Per-step conda envs: every rule that runs code names one, every env parses, every pin is exact and
 agrees with the pip lock used here (requirements.txt)."""
 
+import subprocess
+import sys
 import re
 from pathlib import Path
 
@@ -69,7 +71,17 @@ def test_env_parses_with_exact_pins_matching_the_lock(env):
 
 def test_snakefile_exports_the_checkout_for_the_envs():
     """The envs' `-e ${STFUSE_ROOT}` is filled from the Snakefile, with the workflow's own folder."""
-    assert re.search(r'^os\.environ\["STFUSE_ROOT"\] = workflow\.basedir$', (ROOT / "Snakefile").read_text(), re.M)
+    assert re.search(r'^os\.environ\.update\(STFUSE_ROOT=workflow\.basedir\)', (ROOT / "Snakefile").read_text(), re.M)
+
+
+@pytest.mark.workflow
+def test_snakemake_lint_is_clean():
+    """`snakemake --lint` (the catalogue's check): no lint on the Snakefile, the rules or the scripts."""
+    proc = subprocess.run([str(Path(sys.executable).with_name("snakemake")), "-s", str(ROOT / "Snakefile"), "--lint"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "Congratulations, your workflow is in a good condition!" in out, out[-3000:]
 
 
 @pytest.mark.parametrize("env", ENVS, ids=lambda p: p.name)

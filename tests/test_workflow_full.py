@@ -74,3 +74,5 @@ def test_report_html(demo_run):
     assert proc.returncode == 0, proc.stderr[-2000:]
     html = (work / "report.html").read_text(errors="replace")
     assert "quicklook" in html and "Benchmark" in html
+    # the landing page describes the run (workflow/report/workflow.rst, rendered with the study's config)
+    assert "filled the cloud gaps of the optical series of study" in html
