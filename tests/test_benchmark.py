@@ -72,6 +72,24 @@ def test_not_possible_outputs(tmp_path):
     md = benchmark.not_possible_step(tmp_path, {"possible": False, "reason": "no donor cloud mask for X"})
     assert (tmp_path / "summary.md").read_text() == md
     assert md.startswith("**The benchmark could not score this study**: no donor cloud mask for X.")
+    assert "could not score this study</b>: no donor cloud mask for X." in (tmp_path / "summary.html").read_text()
     assert (tmp_path / "scores.csv").read_text().strip().split(",")[:2] == ["band", "metric"]
     for png in ("by_gap.png", "quicklook.png"):
         assert (tmp_path / png).stat().st_size > 3000
+
+
+def test_summary_html_bolds_the_best_per_column():
+    import pandas as pd
+
+    scores = pd.DataFrame([
+        dict(protocol="transplanted clouds", method=m, band="all", gap_bin="all", cloud_bin="all", metric=k, value=v)
+        for m, mae, ssim in (("linear", 0.05, 0.70), ("stfuse_model", 0.03, 0.65))
+        for k, v in (("mae", mae), ("ssim", ssim))])
+    page = benchmark.to_html(benchmark.summary_table(scores), "Scored on 2 dates & more")
+    assert page.startswith("<!DOCTYPE html>") and "Scored on 2 dates &amp; more" in page
+    assert "0.0300" in page and "0.0500" in page and "0.700" in page
+    import re
+
+    # one bold cell per column, styled by cell id: the model's MAE (row 1, col 0) and linear's SSIM (row 0, col 1)
+    rule = re.search(r"\n(#T_\w+(?:, #T_\w+)*) \{\n  font-weight: bold;", page).group(1)
+    assert sorted(cell.split("_", 2)[2] for cell in rule.split(", ")) == ["row0_col1", "row1_col0"], page

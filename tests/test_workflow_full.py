@@ -76,3 +76,4 @@ def test_report_html(demo_run):
     assert "quicklook" in html and "Benchmark" in html
     # the landing page describes the run (workflow/report/workflow.rst, rendered with the study's config)
     assert "filled the cloud gaps of the optical series of study" in html
+    assert "summary.html" in html  # the benchmark table as HTML (the report does not render Markdown)

@@ -11,6 +11,7 @@ under the real clouds against the scene's known cloud-free truth.
 from __future__ import annotations
 
 import dataclasses
+import html
 import json
 import logging
 import time
@@ -265,6 +266,26 @@ def to_markdown(table: pd.DataFrame) -> str:
                 cells.append(f"**{text}**" if np.isclose(row[m], best[m]) else text)
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def _page(body: str) -> str:
+    return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>stfuse benchmark</title>"
+            "<style>td, th {padding: 2px 8px; text-align: right} th {text-align: left}</style></head>\n"
+            f"<body>\n{body}\n</body></html>\n")
+
+
+def to_html(table: pd.DataFrame, intro: str) -> str:
+    """summary.md's tables as one HTML page (Snakemake's report shows HTML, not Markdown): the intro line, then a
+    table per protocol with the best value per column in bold, the numbers as in summary.md."""
+    lower_better = {"mae", "rmse", "sam"}
+    parts = [f"<p>{html.escape(intro)}</p>"]
+    for protocol, part in table.groupby(level=0, sort=False):
+        part = part.droplevel(0)
+        best = {m: (part[m].min() if m in lower_better else part[m].max()) for m in part.columns}
+        styled = part.style.format({m: "{:.4f}" if m in ("mae", "rmse") else "{:.3f}" for m in part.columns})
+        styled = styled.apply(lambda col: ["font-weight: bold" if np.isclose(v, best[col.name]) else "" for v in col])
+        parts.append(f"<h3>{html.escape(str(protocol))} (best per column in bold)</h3>\n{styled.to_html()}")
+    return _page("\n".join(parts))
 
 
 def plot_by_gap(scores: pd.DataFrame, path, protocol: str) -> None:
@@ -613,16 +634,17 @@ class PartsMerger:
 
 
 def write_outputs(out_dir, table: pd.DataFrame, quick: Quicklook, ctx: ScoreContext, dates: list[dict]) -> None:
-    """scores.csv, summary.md, by_gap.png, quicklook.png and benchmark.json of a scored benchmark."""
+    """scores.csv, summary.md (and .html), by_gap.png, quicklook.png and benchmark.json of a scored benchmark."""
     out_dir = Path(out_dir)
     eval_dates, n_hidden = ctx.eval_dates, int(ctx.region.n_hidden.sum())
     quick.plot(dates, out_dir / "quicklook.png")
     table.to_csv(out_dir / "scores.csv", index=False, float_format="%.6g")
     days = ", ".join(dates[t]["start_time"][:10] for t in eval_dates)
-    md = (f"Scored on {len(eval_dates)} evaluation date(s) ({days})"
-          f": {n_hidden} clear cells hidden under cloud masks transplanted from other dates.\n\n"
-          + to_markdown(summary_table(table)))
+    intro = (f"Scored on {len(eval_dates)} evaluation date(s) ({days})"
+             f": {n_hidden} clear cells hidden under cloud masks transplanted from other dates.")
+    md = intro + "\n\n" + to_markdown(summary_table(table))
     (out_dir / "summary.md").write_text(md)
+    (out_dir / "summary.html").write_text(to_html(summary_table(table), intro))
     plot_by_gap(table[table.protocol == TRANSPLANTED], out_dir / "by_gap.png", TRANSPLANTED)
     info = dict(possible=True, eval_dates=[dates[t]["start_time"] for t in eval_dates], hidden_cells=n_hidden,
                 data_range=ctx.data_range, whittaker_lambda=ctx.whittaker_lambda)
@@ -710,7 +732,7 @@ def message_figure(path, title: str, text: str) -> None:
 
 
 def not_possible_step(out_dir, holdout_info: dict) -> str:
-    """Outputs of a benchmark that could not score: summary.md saying why, scores.csv with only its header,
+    """Outputs of a benchmark that could not score: summary.md (and .html) saying why, scores.csv with only its header,
     both plots showing the reason, benchmark.json. Returns the summary text."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -719,6 +741,10 @@ def not_possible_step(out_dir, holdout_info: dict) -> str:
           "Ingest, training, inference and registration of the filled series ran as usual; only the benchmark "
           "(and the training of its heldout model) was skipped.\n")
     (out_dir / "summary.md").write_text(md)
+    (out_dir / "summary.html").write_text(_page(
+        f"<p><b>The benchmark could not score this study</b>: {html.escape(reason)}.</p>\n<p>Ingest, training, "
+        "inference and registration of the filled series ran as usual; only the benchmark (and the training of its "
+        "heldout model) was skipped.</p>"))
     pd.DataFrame(columns=list(SCORES_COLUMNS)).to_csv(out_dir / "scores.csv", index=False)
     for name in ("by_gap.png", "quicklook.png"):
         message_figure(out_dir / name, "The benchmark could not score this study", reason)
