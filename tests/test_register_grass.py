@@ -67,7 +67,8 @@ def test_provenance_in_map_history_and_strds_description(tmp_path):
     dates = [{"start_time": g["start_time"]} for g in states["S2"]["granules"]]
     filled = np.full((len(dates), 4, 32, 32), 0.2, np.float32)
     flags = np.zeros((len(dates), 32, 32), np.uint8)
-    config = {"study": "tiny", "train": {"epochs": 7, "model": "unet"}}
+    # quoted YAML strings ('2021-05-01') once broke TGIS's SQL
+    config = {"study": "tiny", "input": {"synthetic": {"start": "2021-05-01"}}, "train": {"epochs": 7}}
     text = register.provenance_text(config, "snakemake --cores 2 --configfile tiny.yaml")
     state = register.register_filled(project, states["S2"], states["S1"], dates, filled, flags,
                                      checkpoint_sha="ab" * 32, config_sha="cd" * 32, provenance=text)
@@ -77,3 +78,4 @@ def test_provenance_in_map_history_and_strds_description(tmp_path):
     for out in (history, info):
         assert "snakemake --cores 2 --configfile tiny.yaml" in out
         assert "epochs: 7" in out
+    assert "start: '2021-05-01'" in info

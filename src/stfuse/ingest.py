@@ -197,7 +197,9 @@ def _register(gs, tgis, name, lines, tmp, title, description) -> str:
         ds = tgis.dataset_factory("strds", strds_id)
         if ds.is_in_db(dbif):
             raise RuntimeError(f"STRDS {strds_id} already exists in a mapset that should be new")
-        ds.set_initial_values(temporal_type="absolute", semantic_type="mean", title=title, description=description)
+        # TGIS pastes these into SQL between single quotes without escaping them (GRASS 8.2): double them
+        ds.set_initial_values(temporal_type="absolute", semantic_type="mean", title=title.replace("'", "''"),
+                              description=description.replace("'", "''"))
         ds.insert(dbif)
         with _tgis_version_cached():
             tgis.register_maps_in_space_time_dataset("raster", strds_id, file=str(reg), dbif=dbif)

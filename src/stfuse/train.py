@@ -100,6 +100,7 @@ never improve on the best one).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -618,6 +619,75 @@ def _train(tiles_dir, out_dir, *, model, model_params, epochs, batch_size, lr, k
     out.mkdir(parents=True, exist_ok=True)
     tiles_dir = Path(tiles_dir)
 
+    train_ds, val_ds, val_split, val_seed = _datasets(tiles_dir, k_neighbours, extra_mask_fraction, seed)
+    prior_spec = train_ds.assembler.residual_spec()
+    if residual is True and prior_spec is None:
+        raise ValueError(f"residual=True, but {tiles_dir} has no temporal prior channels "
+                         "(export it with export_tiles(..., prior=True))")
+    residual_spec = prior_spec if residual in ("auto", True) else None
+    config = {
+        "tiles_dir": str(tiles_dir.resolve()), "model": model, "model_params": params,
+        "epochs": int(epochs), "batch_size": int(batch_size), "lr": float(lr),
+        "k_neighbours": int(k_neighbours), "extra_mask_fraction": float(extra_mask_fraction),
+        "seed": int(seed), "device": str(dev), "amp": amp, "patience": int(patience),
+        "num_workers": int(num_workers), "max_minutes": max_minutes, "loss": "masked_l1",
+        "optimizer": "adam", "val_split": val_split, "val_mask_fraction": VAL_MASK_FRACTION,
+        "val_mask_seed": val_seed, "torch_threads": torch.get_num_threads(),
+        "residual": residual_spec is not None,
+        "samples_per_epoch": None if samples_per_epoch is None else int(samples_per_epoch),
+    }
+    base = _checkpoint_base(tiles_dir, train_ds, config, residual_spec)
+
+    with _deterministic(dev):
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        random.seed(seed)
+        net, optimizer, scaler = _build(base, train_ds, dev, lr, amp)
+        st = _restore(out, resume, base, net, optimizer, scaler, dev, amp)
+        val_used = _val_samples(val_ds, samples_per_epoch, seed)
+        _log_start(base, net, dev, amp, train_ds, val_ds, val_used, val_split, batch_size, samples_per_epoch)
+        val_loader = DataLoader(val_used, batch_size=batch_size, shuffle=False,
+                                num_workers=num_workers, pin_memory=amp)
+        elapsed_before = float(st.history[-1]["elapsed_s"]) if st.history else 0.0
+        if st.stopped is None and st.start_epoch > epochs:
+            st.stopped = "epochs"
+        for epoch in range(st.start_epoch, epochs + 1) if st.stopped is None else ():
+            loader = _epoch_loader(train_ds, samples_per_epoch, seed, epoch, batch_size, num_workers, amp)
+            rec = _fit_epoch(net, loader, val_loader, dev, optimizer, scaler, amp)
+            _account(st, epoch, rec, tiles_dir, len(train_ds), len(val_ds), val_split, train_ds.n_dates,
+                     elapsed_before + (time.perf_counter() - t_start))
+            _decide_stop(st, epoch, epochs, patience, max_minutes, time.perf_counter() - t_start,
+                         rec["epoch_s"])
+            _save_epoch(st, out, base, net, optimizer, scaler, dev, amp, epoch, epochs, patience, max_minutes)
+            if st.stopped is not None:
+                break
+    return _summary(st, out, dev, len(train_ds), len(val_ds), len(val_used), samples_per_epoch, val_split,
+                    time.perf_counter() - t_start)
+
+
+@dataclasses.dataclass
+class _State:
+    """Where a training run stands: the history and the best epoch so far, why it stopped; restored from
+    last.pt when resuming. ``run_*`` count this call's epochs only."""
+
+    history: list = dataclasses.field(default_factory=list)
+    best_epoch: int | None = None
+    best_loss: float = math.inf
+    since_best: int = 0
+    start_epoch: int = 1
+    stopped: str | None = None
+    resumed_from: int | None = None
+    restart_reason: str | None = None
+    best_saved: dict | None = None  # what model.pt holds (less ``base``), also kept in last.pt
+    improved: bool = False          # the last epoch's
+    run_samples: int = 0
+    run_train_s: float = 0.0
+    epochs_run: int = 0
+
+
+def _datasets(tiles_dir: Path, k_neighbours, extra_mask_fraction, seed):
+    """(train dataset, validation dataset, its split name, its masking seed): validation on the train split
+    (fixed masking) when the export has no validation sample. ValueError when there is nothing to train on."""
     train_ds = GapFillDataset(tiles_dir, "train", k_neighbours=k_neighbours,
                               extra_mask_seed=0, extra_mask_fraction=extra_mask_fraction)
     if train_ds.n_dates < 2:
@@ -643,37 +713,26 @@ def _train(tiles_dir, out_dir, *, model, model_params, epochs, batch_size, lr, k
         val_split = "train"
         val_ds = GapFillDataset(tiles_dir, "train", k_neighbours=k_neighbours,
                                 extra_mask_seed=val_seed, extra_mask_fraction=VAL_MASK_FRACTION)
-    meta = json.loads((tiles_dir / "channels.json").read_text())
-    prior_spec = train_ds.assembler.residual_spec()
-    if residual is True and prior_spec is None:
-        raise ValueError(f"residual=True, but {tiles_dir} has no temporal prior channels "
-                         "(export it with export_tiles(..., prior=True))")
-    residual_spec = prior_spec if residual in ("auto", True) else None
+    return train_ds, val_ds, val_split, val_seed
 
-    config = {
-        "tiles_dir": str(tiles_dir.resolve()), "model": model, "model_params": params,
-        "epochs": int(epochs), "batch_size": int(batch_size), "lr": float(lr),
-        "k_neighbours": int(k_neighbours), "extra_mask_fraction": float(extra_mask_fraction),
-        "seed": int(seed), "device": str(dev), "amp": amp, "patience": int(patience),
-        "num_workers": int(num_workers), "max_minutes": max_minutes, "loss": "masked_l1",
-        "optimizer": "adam", "val_split": val_split, "val_mask_fraction": VAL_MASK_FRACTION,
-        "val_mask_seed": val_seed, "torch_threads": torch.get_num_threads(),
-        "residual": residual_spec is not None,
-        "samples_per_epoch": None if samples_per_epoch is None else int(samples_per_epoch),
-    }
+
+def _checkpoint_base(tiles_dir: Path, train_ds, config: dict, residual_spec) -> dict:
+    """What every checkpoint of the run holds besides its weights and state (input layout, statistics, settings,
+    versions, the data fingerprint)."""
+    meta = json.loads((tiles_dir / "channels.json").read_text())
     t_hash = time.perf_counter()
     fprint = fingerprint(tiles_dir, config)
     logger.debug("fingerprint of %s in %.1f s", tiles_dir, time.perf_counter() - t_hash)
-    base = {
+    return {
         "format": CHECKPOINT_FORMAT,
         "format_version": CHECKPOINT_VERSION if residual_spec is not None else 1,
-        "model": model, "model_params": params,
+        "model": config["model"], "model_params": config["model_params"],
         "in_channels": train_ds.n_input_channels, "out_channels": len(train_ds.target_channels),
         "input_channels": list(train_ds.input_channels),
         "target_channels": list(train_ds.target_channels),
         "channels": _plain(train_ds.channels),
         "stats": _plain(train_ds.stats["channels"]),
-        "k_neighbours": int(k_neighbours), "dt_scale_days": DT_SCALE_DAYS,
+        "k_neighbours": config["k_neighbours"], "dt_scale_days": DT_SCALE_DAYS,
         "tile_size": int(train_ds.size), "overlap": int(meta.get("overlap", 0)),
         "config": config,
         "versions": {"stfuse": str(stfuse.__version__), "torch": str(torch.__version__)},
@@ -681,187 +740,192 @@ def _train(tiles_dir, out_dir, *, model, model_params, epochs, batch_size, lr, k
         "fingerprint": fprint,
     }
 
-    with _deterministic(dev):
-        torch.manual_seed(seed)
-        np.random.seed(seed)
-        random.seed(seed)
-        net = build_network(model, base["in_channels"], base["out_channels"], params,
-                            residual_spec, init=True)
-        multiple = size_multiple(net)
-        if train_ds.size % multiple:
-            raise ValueError(f"model {model!r} {params} needs tile sizes that are multiples of "
-                             f"{multiple}; the export's tiles are {train_ds.size} px")
-        net.to(dev, memory_format=torch.channels_last)  # ~1.5-2x faster convolutions on CPU
-        optimizer = torch.optim.Adam(net.parameters(), lr=lr)
-        scaler = torch.amp.GradScaler("cuda", enabled=amp)
 
-        history: list[dict] = []
-        best_epoch, best_loss, since_best, start_epoch = None, math.inf, 0, 1
-        stopped, resumed_from, restart_reason = None, None, None
-        best_saved = None  # what model.pt holds (less ``base``), also kept in last.pt
-        last_path = out / LAST_FILE
-        last = None
-        if resume and last_path.exists():
-            try:
-                last = load_checkpoint(last_path)
-            except ValueError as exc:
-                restart_reason = f"unreadable: {exc}"
-            else:
-                # the layout check only matters if the fingerprint matches (another stfuse)
-                diffs = _fingerprint_diffs(last.get("fingerprint"), fprint) \
-                    or _check_resumable(last, base, config)
-                if diffs:
-                    restart_reason = "; ".join(diffs)
-                    last = None
-            if restart_reason is not None:
-                logger.warning("not resuming from %s (%s), starting afresh", last_path,
-                               restart_reason)
-        if last is not None:
-            net.load_state_dict(last["state_dict"])
-            optimizer.load_state_dict(last["optimizer"])
-            if amp and last.get("scaler"):
-                scaler.load_state_dict(last["scaler"])
-            _set_rng_state(last["rng"], dev)
-            history = list(last["history"])
-            best_epoch, best_loss = last["best_epoch"], last["best_val_loss"]
-            best_loss = math.inf if best_loss is None else best_loss
-            since_best = int(last["epochs_since_best"])
-            start_epoch = resumed_from = int(last["epoch"])
-            start_epoch += 1
-            if last.get("stopped") == "early_stopping":
-                stopped = "early_stopping"
-            best_saved = last.get("best_checkpoint")
-            if best_saved is not None and not (out / MODEL_FILE).exists():
-                # e.g. a workflow manager removed the killed job's outputs: if no later epoch
-                # improves, model.pt would never be written again
-                _save(dict(base, kind="best", **best_saved), out / MODEL_FILE)
-                logger.info("restored %s (epoch %s) from %s", MODEL_FILE, best_saved["epoch"],
-                            last_path)
-            logger.info("resuming from %s: epoch %d done (best %s, val loss %s)", last_path,
-                        last["epoch"], best_epoch, _finite_or_none(best_loss))
-        else:  # afresh: nothing stale may survive (model.pt of other data, its history..)
-            for name in OUTPUT_FILES:
-                (out / name).unlink(missing_ok=True)
+def _build(base: dict, train_ds, dev, lr, amp):
+    """The network (initialised from the seeded RNG), its Adam optimizer and the AMP gradient scaler."""
+    net = build_network(base["model"], base["in_channels"], base["out_channels"], base["model_params"],
+                        base["residual"], init=True)
+    multiple = size_multiple(net)
+    if train_ds.size % multiple:
+        raise ValueError(f"model {base['model']!r} {base['model_params']} needs tile sizes that are multiples "
+                         f"of {multiple}; the export's tiles are {train_ds.size} px")
+    net.to(dev, memory_format=torch.channels_last)  # ~1.5-2x faster convolutions on CPU
+    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    return net, optimizer, scaler
 
-        n_params = sum(p.numel() for p in net.parameters())
-        logger.info("training %s %s%s (%d parameters) on %s%s: %d train / %d %s samples, "
-                    "%d input channels, tiles %d px, batch %d", model, params,
-                    " as a residual on the temporal prior" if residual_spec else "", n_params, dev,
-                    " with mixed precision" if amp else "", len(train_ds), len(val_ds),
-                    val_split, base["in_channels"], train_ds.size, batch_size)
-        val_used = _val_samples(val_ds, samples_per_epoch, seed)
-        if samples_per_epoch is not None:
-            logger.info("samples_per_epoch=%d: each epoch draws %d of the %d train samples; "
-                        "validating on %d of the %d %s samples", samples_per_epoch,
-                        samples_per_epoch, len(train_ds), len(val_used), len(val_ds), val_split)
-        val_loader = DataLoader(val_used, batch_size=batch_size, shuffle=False,
-                                num_workers=num_workers, pin_memory=amp)
-        elapsed_before = float(history[-1]["elapsed_s"]) if history else 0.0
-        run_samples, run_train_s, epochs_run = 0, 0.0, 0
-        epoch = start_epoch - 1
-        if stopped is None and start_epoch > epochs:
-            stopped = "epochs"
-        last_epoch_s = 0.0
-        for epoch in range(start_epoch, epochs + 1) if stopped is None else ():
-            t_epoch = time.perf_counter()
-            train_ds.extra_mask_seed = _derived_seed(seed, 2, epoch)
-            gen = torch.Generator()
-            gen.manual_seed(_derived_seed(seed, 3, epoch))
-            loader = DataLoader(_epoch_samples(train_ds, samples_per_epoch, seed, epoch),
-                                batch_size=batch_size, shuffle=True, generator=gen,
-                                num_workers=num_workers, pin_memory=amp)
-            total, count, samples = _run_epoch(net, loader, dev, optimizer, scaler, amp)
-            train_s = time.perf_counter() - t_epoch
-            v_total, v_count, _ = _run_epoch(net, val_loader, dev, amp=amp)
-            epoch_s = time.perf_counter() - t_epoch
-            train_loss = total / count if count else None
-            val_loss = v_total / v_count if v_count else None
-            monitor = val_loss if val_loss is not None else train_loss
-            if monitor is None and best_saved is None:
-                raise ValueError(
-                    f"{tiles_dir}: epoch {epoch} gave no loss: none of the {len(train_ds)} "
-                    f"train / {len(val_ds)} {val_split} samples has a pixel hidden by another "
-                    f"date's cloud mask that is clear at its own date (the "
-                    f"{train_ds.n_dates} optical dates are all clear, or their clouds never "
-                    "cover clear pixels of another date); nothing to learn from")
-            improved = monitor is not None and monitor < best_loss
-            if improved:
-                best_epoch, best_loss, since_best = epoch, monitor, 0
-            else:
-                since_best += 1
-            run_samples += samples
-            run_train_s += train_s
-            epochs_run += 1
-            last_epoch_s = epoch_s
-            elapsed = elapsed_before + (time.perf_counter() - t_start)
-            history.append({
-                "epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
-                "train_samples": samples, "train_pixels": count, "val_pixels": v_count,
-                "samples_per_s": samples / train_s if train_s > 0 else None,
-                "epoch_s": epoch_s, "elapsed_s": elapsed, "best": improved,
-            })
-            if since_best >= patience and epoch < epochs:
-                stopped = "early_stopping"
-            elif epoch == epochs:
-                stopped = "epochs"
-            elif max_minutes is not None and (time.perf_counter() - t_start) + epoch_s \
-                    > max_minutes * 60:
-                stopped = "max_minutes"
 
-            state = {k: v.detach().cpu().contiguous().clone() for k, v in net.state_dict().items()}
-            summary_keys = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
-                            "best_epoch": best_epoch,
-                            "best_val_loss": _finite_or_none(best_loss),
-                            "history": [dict(h) for h in history]}
-            if improved:
-                best_saved = dict(state_dict=state, **summary_keys)
-                _save(dict(base, kind="best", **best_saved), out / MODEL_FILE)
-            _save(dict(base, kind="last", state_dict=state, **summary_keys,
-                       optimizer=optimizer.state_dict(),
-                       scaler=scaler.state_dict() if amp else None,
-                       rng=_rng_state(dev), epochs_since_best=since_best, stopped=stopped,
-                       best_checkpoint=best_saved),
-                  last_path)
-            _write_history(history, out)
-            _plot_history(history, out)
-            logger.info("epoch %d/%d: train loss %s, val loss %s%s, %.1f samples/s, "
-                        "%.2f s (elapsed %.1f s)", epoch, epochs, _fmt(train_loss),
-                        _fmt(val_loss), " (best)" if improved else "",
-                        history[-1]["samples_per_s"] or 0.0, epoch_s, elapsed)
-            if stopped == "early_stopping":
-                logger.info("early stopping: no better validation loss for %d epochs (best: "
-                            "epoch %s, %s)", patience, best_epoch, _fmt(best_loss))
-            elif stopped == "max_minutes":
-                logger.info("stopping after epoch %d: the next epoch (~%.0f s) would end past "
-                            "max_minutes=%s; rerun with resume=True to continue", epoch,
-                            epoch_s, max_minutes)
-            if stopped is not None:
-                break
+def _restore(out: Path, resume: bool, base: dict, net, optimizer, scaler, dev, amp) -> _State:
+    """The run's state: from ``out``/last.pt when it may be resumed (same fingerprint and layout; weights,
+    optimizer and RNG state loaded), else afresh, with every stale output removed."""
+    st = _State()
+    last_path = out / LAST_FILE
+    last = None
+    if resume and last_path.exists():
+        try:
+            last = load_checkpoint(last_path)
+        except ValueError as exc:
+            st.restart_reason = f"unreadable: {exc}"
+        else:
+            # the layout check only matters if the fingerprint matches (another stfuse)
+            diffs = _fingerprint_diffs(last.get("fingerprint"), base["fingerprint"]) \
+                or _check_resumable(last, base, base["config"])
+            if diffs:
+                st.restart_reason = "; ".join(diffs)
+                last = None
+        if st.restart_reason is not None:
+            logger.warning("not resuming from %s (%s), starting afresh", last_path, st.restart_reason)
+    if last is None:  # afresh: nothing stale may survive (model.pt of other data, its history..)
+        for name in OUTPUT_FILES:
+            (out / name).unlink(missing_ok=True)
+        return st
+    net.load_state_dict(last["state_dict"])
+    optimizer.load_state_dict(last["optimizer"])
+    if amp and last.get("scaler"):
+        scaler.load_state_dict(last["scaler"])
+    _set_rng_state(last["rng"], dev)
+    st.history = list(last["history"])
+    st.best_epoch, best_loss = last["best_epoch"], last["best_val_loss"]
+    st.best_loss = math.inf if best_loss is None else best_loss
+    st.since_best = int(last["epochs_since_best"])
+    st.resumed_from = int(last["epoch"])
+    st.start_epoch = st.resumed_from + 1
+    if last.get("stopped") == "early_stopping":
+        st.stopped = "early_stopping"
+    st.best_saved = last.get("best_checkpoint")
+    if st.best_saved is not None and not (out / MODEL_FILE).exists():
+        # e.g. a workflow manager removed the killed job's outputs: if no later epoch
+        # improves, model.pt would never be written again
+        _save(dict(base, kind="best", **st.best_saved), out / MODEL_FILE)
+        logger.info("restored %s (epoch %s) from %s", MODEL_FILE, st.best_saved["epoch"], last_path)
+    logger.info("resuming from %s: epoch %d done (best %s, val loss %s)", last_path,
+                last["epoch"], st.best_epoch, _finite_or_none(st.best_loss))
+    return st
 
-    # a rerun of a finished run trains nothing: write back what a workflow manager deleted
-    if history and not (out / HISTORY_FILE).exists():
-        _write_history(history, out)
-    if history and not (out / PLOT_FILE).exists():
-        _plot_history(history, out)
+
+def _log_start(base, net, dev, amp, train_ds, val_ds, val_used, val_split, batch_size, samples_per_epoch):
+    n_params = sum(p.numel() for p in net.parameters())
+    logger.info("training %s %s%s (%d parameters) on %s%s: %d train / %d %s samples, "
+                "%d input channels, tiles %d px, batch %d", base["model"], base["model_params"],
+                " as a residual on the temporal prior" if base["residual"] else "", n_params, dev,
+                " with mixed precision" if amp else "", len(train_ds), len(val_ds),
+                val_split, base["in_channels"], train_ds.size, batch_size)
+    if samples_per_epoch is not None:
+        logger.info("samples_per_epoch=%d: each epoch draws %d of the %d train samples; "
+                    "validating on %d of the %d %s samples", samples_per_epoch,
+                    samples_per_epoch, len(train_ds), len(val_used), len(val_ds), val_split)
+
+
+def _epoch_loader(train_ds, samples_per_epoch, seed, epoch, batch_size, num_workers, amp) -> DataLoader:
+    """The epoch's shuffled loader: masking and order seeded from (seed, epoch), so a resumed run repeats them."""
+    train_ds.extra_mask_seed = _derived_seed(seed, 2, epoch)
+    gen = torch.Generator()
+    gen.manual_seed(_derived_seed(seed, 3, epoch))
+    return DataLoader(_epoch_samples(train_ds, samples_per_epoch, seed, epoch), batch_size=batch_size,
+                      shuffle=True, generator=gen, num_workers=num_workers, pin_memory=amp)
+
+
+def _fit_epoch(net, loader, val_loader, dev, optimizer, scaler, amp) -> dict:
+    """One epoch of training, then validation: losses (None without a hidden pixel), counts and seconds."""
+    t_epoch = time.perf_counter()
+    total, count, samples = _run_epoch(net, loader, dev, optimizer, scaler, amp)
+    train_s = time.perf_counter() - t_epoch
+    v_total, v_count, _ = _run_epoch(net, val_loader, dev, amp=amp)
+    return dict(train_loss=total / count if count else None, val_loss=v_total / v_count if v_count else None,
+                samples=samples, count=count, v_count=v_count, train_s=train_s,
+                epoch_s=time.perf_counter() - t_epoch)
+
+
+def _account(st: _State, epoch: int, rec: dict, tiles_dir, n_train, n_val, val_split, n_dates, elapsed) -> None:
+    """Book the epoch into ``st``: best epoch (lowest validation loss, else training loss), history row."""
+    monitor = rec["val_loss"] if rec["val_loss"] is not None else rec["train_loss"]
+    if monitor is None and st.best_saved is None:
+        raise ValueError(
+            f"{tiles_dir}: epoch {epoch} gave no loss: none of the {n_train} "
+            f"train / {n_val} {val_split} samples has a pixel hidden by another "
+            f"date's cloud mask that is clear at its own date (the "
+            f"{n_dates} optical dates are all clear, or their clouds never "
+            "cover clear pixels of another date); nothing to learn from")
+    st.improved = monitor is not None and monitor < st.best_loss
+    if st.improved:
+        st.best_epoch, st.best_loss, st.since_best = epoch, monitor, 0
+    else:
+        st.since_best += 1
+    st.run_samples += rec["samples"]
+    st.run_train_s += rec["train_s"]
+    st.epochs_run += 1
+    st.history.append({
+        "epoch": epoch, "train_loss": rec["train_loss"], "val_loss": rec["val_loss"],
+        "train_samples": rec["samples"], "train_pixels": rec["count"], "val_pixels": rec["v_count"],
+        "samples_per_s": rec["samples"] / rec["train_s"] if rec["train_s"] > 0 else None,
+        "epoch_s": rec["epoch_s"], "elapsed_s": elapsed, "best": st.improved,
+    })
+
+
+def _decide_stop(st: _State, epoch, epochs, patience, max_minutes, call_s, epoch_s) -> None:
+    if st.since_best >= patience and epoch < epochs:
+        st.stopped = "early_stopping"
+    elif epoch == epochs:
+        st.stopped = "epochs"
+    elif max_minutes is not None and call_s + epoch_s > max_minutes * 60:
+        st.stopped = "max_minutes"
+
+
+def _save_epoch(st: _State, out: Path, base, net, optimizer, scaler, dev, amp, epoch, epochs, patience,
+                max_minutes) -> None:
+    """model.pt when the epoch improved, last.pt (with optimizer and RNG state), history.csv, loss.png, log."""
+    h = st.history[-1]
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in net.state_dict().items()}
+    summary_keys = {"epoch": epoch, "train_loss": h["train_loss"], "val_loss": h["val_loss"],
+                    "best_epoch": st.best_epoch, "best_val_loss": _finite_or_none(st.best_loss),
+                    "history": [dict(r) for r in st.history]}
+    if st.improved:
+        st.best_saved = dict(state_dict=state, **summary_keys)
+        _save(dict(base, kind="best", **st.best_saved), out / MODEL_FILE)
+    _save(dict(base, kind="last", state_dict=state, **summary_keys, optimizer=optimizer.state_dict(),
+               scaler=scaler.state_dict() if amp else None, rng=_rng_state(dev), epochs_since_best=st.since_best,
+               stopped=st.stopped, best_checkpoint=st.best_saved),
+          out / LAST_FILE)
+    _write_history(st.history, out)
+    _plot_history(st.history, out)
+    logger.info("epoch %d/%d: train loss %s, val loss %s%s, %.1f samples/s, "
+                "%.2f s (elapsed %.1f s)", epoch, epochs, _fmt(h["train_loss"]),
+                _fmt(h["val_loss"]), " (best)" if st.improved else "",
+                h["samples_per_s"] or 0.0, h["epoch_s"], h["elapsed_s"])
+    if st.stopped == "early_stopping":
+        logger.info("early stopping: no better validation loss for %d epochs (best: "
+                    "epoch %s, %s)", patience, st.best_epoch, _fmt(st.best_loss))
+    elif st.stopped == "max_minutes":
+        logger.info("stopping after epoch %d: the next epoch (~%.0f s) would end past "
+                    "max_minutes=%s; rerun with resume=True to continue", epoch, h["epoch_s"], max_minutes)
+
+
+def _summary(st: _State, out: Path, dev, n_train, n_val, n_val_used, samples_per_epoch, val_split,
+             seconds) -> dict:
+    """Write back what a workflow manager deleted after a finished run (which trains nothing), check that
+    model.pt exists, and return :func:`train`'s summary."""
+    if st.history and not (out / HISTORY_FILE).exists():
+        _write_history(st.history, out)
+    if st.history and not (out / PLOT_FILE).exists():
+        _plot_history(st.history, out)
     if not (out / MODEL_FILE).exists():  # e.g. NaN losses from the first epoch on
         raise ValueError(f"{out}: no epoch gave a finite loss, so there is no {MODEL_FILE} "
-                         f"(losses: {[(h['train_loss'], h['val_loss']) for h in history]}); "
+                         f"(losses: {[(h['train_loss'], h['val_loss']) for h in st.history]}); "
                          "lower lr or check the export")
-    seconds = time.perf_counter() - t_start
     return {
-        "epochs_run": epochs_run,
-        "last_epoch": history[-1]["epoch"] if history else 0,
-        "best_epoch": best_epoch,
-        "best_val_loss": _finite_or_none(best_loss),
-        "samples_per_s": run_samples / run_train_s if run_train_s > 0 else None,
+        "epochs_run": st.epochs_run,
+        "last_epoch": st.history[-1]["epoch"] if st.history else 0,
+        "best_epoch": st.best_epoch,
+        "best_val_loss": _finite_or_none(st.best_loss),
+        "samples_per_s": st.run_samples / st.run_train_s if st.run_train_s > 0 else None,
         "seconds": seconds,
-        "stopped": stopped,
-        "resumed_from": resumed_from,
-        "restart_reason": restart_reason,
+        "stopped": st.stopped,
+        "resumed_from": st.resumed_from,
+        "restart_reason": st.restart_reason,
         "device": str(dev),
-        "train_samples": len(train_ds),
-        "val_samples": len(val_ds),
-        "val_samples_used": len(val_used),
+        "train_samples": n_train,
+        "val_samples": n_val,
+        "val_samples_used": n_val_used,
         "samples_per_epoch": samples_per_epoch,
         "val_split": val_split,
         "files": {name: str(out / name) for name in (MODEL_FILE, LAST_FILE, HISTORY_FILE,
