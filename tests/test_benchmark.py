@@ -93,3 +93,17 @@ def test_summary_html_bolds_the_best_per_column():
     # one bold cell per column, styled by cell id: the model's MAE (row 1, col 0) and linear's SSIM (row 0, col 1)
     rule = re.search(r"\n(#T_\w+(?:, #T_\w+)*) \{\n  font-weight: bold;", page).group(1)
     assert sorted(cell.split("_", 2)[2] for cell in rule.split(", ")) == ["row0_col1", "row1_col0"], page
+
+
+def test_observed_uses_the_one_definition_of_clear():
+    """valid == 1 with a NaN band is not clear: benchmark.observed agrees with stfuse.cube.clear_mask."""
+    from stfuse import cube as cube_mod
+
+    channels = [{"name": "B02", "kind": "optical"}, {"name": "B04", "kind": "optical"}, {"name": "valid", "kind": "valid"}]
+    cube = np.ones((2, 3, 2, 2), np.float32)
+    cube[0, 1, 0, 0] = np.nan            # valid 1, one band missing
+    cube[1, 2, 1, 1] = 0.0               # cloudy
+    obs, clear = benchmark.observed(cube, channels)
+    np.testing.assert_array_equal(clear, cube_mod.clear_mask(cube, 2, [0, 1]))
+    assert not clear[0, 0, 0] and not clear[1, 1, 1] and clear.sum() == 6
+    assert np.isnan(obs[0, :, 0, 0]).all()

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from . import baselines, blocks, metrics
-from .cube import hide, region_counts
+from .cube import clear_mask, hide, region_counts
 
 log = logging.getLogger("stfuse.benchmark")
 
@@ -48,9 +48,10 @@ def _fractions_text(frac: np.ndarray) -> str:
 
 
 def observed(cube: np.ndarray, channels: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """Optical bands (T, B, H, W) with NaN wherever the cell is not clear, and the clear mask (T, H, W)."""
+    """Optical bands (T, B, H, W) with NaN wherever the cell is not clear, and the clear mask (T, H, W): "clear"
+    as everywhere in stfuse (:func:`stfuse.cube.clear_mask`: valid == 1 and every optical band finite)."""
     opt, valid = _indices(channels, "optical"), _indices(channels, "valid")[0]
-    clear = cube[:, valid] == 1
+    clear = clear_mask(cube, valid, opt)
     obs = cube[:, opt].copy()
     obs[~np.broadcast_to(clear[:, None], obs.shape)] = np.nan
     return obs, clear
