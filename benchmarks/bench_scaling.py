@@ -1,5 +1,10 @@
 """Cost growth of the workflow's stages with the number of dates and the area (synthetic scenes).
 
+RETIRED for new runs (2026-12-01): it measured the whole-region path, whose stages (one cube, tiles, infer and
+score job for the whole region) the block path replaced; it reads those stages' benchmark TSVs, which no longer
+exist. Its figures stay in docs/scaling.md as the baseline, `--from-json` still prints a saved run's tables, and
+benchmarks/bench_blocks.py (which measures the block path) reuses this module's sampler and helpers.
+
 For each cell of a grid of (optical dates, side in pixels), a fresh work folder runs the real
 workflow (`snakemake -s Snakefile --directory WORK --cores 2 ...`) on the built-in synthetic scene
 and reads every rule's Snakemake benchmark TSV (benchmarks/out/<study>/...): seconds and max_rss.
@@ -667,6 +672,9 @@ def main() -> None:
     if args.from_json:
         print(report(json.loads(Path(args.from_json).read_text())))
         return
+    raise SystemExit("bench_scaling.py measured the whole-region path, which the block path replaced on 2026-12-01: "
+                     "its stages' benchmark files no longer exist. Measure with benchmarks/bench_blocks.py; "
+                     "--from-json FILE prints the tables of a saved run.")
     mem_limit_mb = 1024 * (args.mem_limit_gb or 0.8 * psutil.virtual_memory().available / 2**30)
 
     grid = GRIDS[args.grid]
