@@ -2,13 +2,15 @@
 
 import json
 import re
+import shutil
+import subprocess
 
 import pandas as pd
 import pytest
 import yaml
 
-from _scene import write_config
-from test_workflow_ingest import run_snakemake
+from _scene import ROOT, write_config
+from test_workflow_ingest import SNAKEMAKE, run_snakemake
 
 pytestmark = [pytest.mark.workflow, pytest.mark.grass, pytest.mark.slow]
 
@@ -26,13 +28,24 @@ def planned_jobs(proc) -> dict:
     return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", text, re.M) if m.group(1) != "total"}
 
 
+def test_test_config_is_the_tiny_study(tmp_path):
+    """.test/config/config.yaml (the catalogue's test study) is this module's TINY + FAST study."""
+    want = yaml.safe_load(write_config(tmp_path / "tiny.yaml", "tiny", TINY, **FAST).read_text())
+    assert yaml.safe_load((ROOT / ".test" / "config" / "config.yaml").read_text()) == want
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
+    """`snakemake --cores 4 --directory <copy of .test>` with no --configfile: the catalogue's test run (the
+    Snakefile's default config/config.yaml is read from the working directory)."""
     work = tmp_path_factory.mktemp("full")
-    cfg = write_config(work / "tiny.yaml", "tiny", TINY, **FAST)
+    shutil.copytree(ROOT / ".test", work, dirs_exist_ok=True)
+    cfg = work / "config" / "config.yaml"
     # More cores than the machine has: as many jobs side by side as the DAG allows (parallel safety).
-    proc = run_snakemake(work, cfg, cores=4)
+    proc = subprocess.run([str(SNAKEMAKE), "-s", str(ROOT / "Snakefile"), "--directory", str(work), "--cores", "4"],
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "study: tiny" in cfg.read_text() and (work / "results" / "tiny").is_dir()
     logs = "".join(p.read_text(errors="replace") for p in (work / "logs").rglob("*.log"))
     assert "database is locked" not in logs and ".gislock" not in logs
     return work, cfg
