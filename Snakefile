@@ -7,7 +7,8 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 # The per-step conda envs (--sdm conda) pip-install stfuse from here; pip expands ${STFUSE_ROOT} there.
-os.environ.update(STFUSE_ROOT=workflow.basedir)  # a write, not a required variable (no envvars:)
+# (A write, not a variable the user must set: no envvars directive.)
+os.environ.update(STFUSE_ROOT=workflow.basedir)
 
 
 # The demo config, unless a study is given with --configfile (which would otherwise be merged into it).
@@ -28,7 +29,7 @@ include: "workflow/rules/benchmark.smk"
 
 
 rule all:
+    default_target: True
     input:
         stage_targets("register"),
         stage_targets("benchmark"),
-    default_target: True

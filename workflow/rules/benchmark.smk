@@ -13,14 +13,14 @@ checkpoint holdout:
         f"{LOGS}/heldout/holdout.log",
     benchmark:
         f"{BENCH}/heldout/holdout.tsv"
-    params:
-        benchmark=section("benchmark"),
+    conda:
+        "../../envs/eval.yaml"
     threads: 1
     resources:
         mem_mb=1000,
         runtime=10,
-    conda:
-        "../../envs/eval.yaml"
+    params:
+        benchmark=section("benchmark"),
     script:
         "../scripts/holdout.py"
 
@@ -37,16 +37,16 @@ rule score_stats_block:
         f"{LOGS}/benchmark/blocks/{{block}}/score_stats.log",
     benchmark:
         f"{BENCH}/benchmark/blocks/{{block}}/score_stats.tsv"
-    params:
-        optical=section("sensors", OPTICAL[0]),
     group:
         "score_stats"
+    conda:
+        "../../envs/eval.yaml"
     threads: 1
     resources:
         mem_mb=3000,
         runtime=20,
-    conda:
-        "../../envs/eval.yaml"
+    params:
+        optical=section("sensors", OPTICAL[0]),
     script:
         "../scripts/score_stats_block.py"
 
@@ -68,17 +68,17 @@ rule score_block:
         f"{LOGS}/benchmark/blocks/{{block}}/score.log",
     benchmark:
         f"{BENCH}/benchmark/blocks/{{block}}/score.tsv"
-    params:
-        benchmark=section("benchmark"),
-        optical=section("sensors", OPTICAL[0]),
     group:
         "score"
+    conda:
+        "../../envs/eval.yaml"
     threads: 1
     resources:
         mem_mb=4000,
         runtime=30,
-    conda:
-        "../../envs/eval.yaml"
+    params:
+        benchmark=section("benchmark"),
+        optical=section("sensors", OPTICAL[0]),
     script:
         "../scripts/score_block.py"
 
@@ -93,23 +93,33 @@ rule score:
         scores=f"{RESULTS}/benchmark/scores.csv",
         summary=f"{RESULTS}/benchmark/summary.md",
         # the report shows the HTML twin (it does not render Markdown)
-        summary_html=report(f"{RESULTS}/benchmark/summary.html", caption="../report/summary.rst", category="Benchmark"),
-        by_gap=report(f"{RESULTS}/benchmark/by_gap.png", caption="../report/by_gap.rst", category="Benchmark"),
+        summary_html=report(
+            f"{RESULTS}/benchmark/summary.html",
+            caption="../report/summary.rst",
+            category="Benchmark",
+        ),
+        by_gap=report(
+            f"{RESULTS}/benchmark/by_gap.png",
+            caption="../report/by_gap.rst",
+            category="Benchmark",
+        ),
         quicklook=report(
-            f"{RESULTS}/benchmark/quicklook.png", caption="../report/quicklook.rst", category="Benchmark"
+            f"{RESULTS}/benchmark/quicklook.png",
+            caption="../report/quicklook.rst",
+            category="Benchmark",
         ),
     log:
         f"{LOGS}/benchmark/score.log",
     benchmark:
         f"{BENCH}/benchmark/score.tsv"
-    params:
-        benchmark=section("benchmark"),
+    conda:
+        "../../envs/eval.yaml"
     threads: 1
     resources:
         mem_mb=2000,
         runtime=30,
-    conda:
-        "../../envs/eval.yaml"
+    params:
+        benchmark=section("benchmark"),
     script:
         "../scripts/score.py"
 

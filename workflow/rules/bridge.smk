@@ -18,14 +18,14 @@ rule pairing:
         f"{LOGS}/pairing/pairing.log",
     benchmark:
         f"{BENCH}/pairing/pairing.tsv"
-    params:
-        pairing=section("pairing"),
+    conda:
+        "../../envs/grass.yaml"
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
-    conda:
-        "../../envs/grass.yaml"
+    params:
+        pairing=section("pairing"),
     script:
         "../scripts/pairing.py"
 
@@ -43,14 +43,14 @@ rule groups:
         f"{LOGS}/groups/groups.log",
     benchmark:
         f"{BENCH}/groups/groups.tsv"
-    params:
-        static=section("static"),
+    conda:
+        "../../envs/grass.yaml"
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
-    conda:
-        "../../envs/grass.yaml"
+    params:
+        static=section("static"),
     script:
         "../scripts/groups.py"
 
@@ -66,17 +66,17 @@ rule cube_block:
         f"{LOGS}/blocks/{{block}}/cube.log",
     benchmark:
         f"{BENCH}/blocks/{{block}}/cube.tsv"
-    params:
-        blocks=section("blocks"),
-        tile_size=TILE_SIZE,
     group:
         "cube"
+    conda:
+        "../../envs/grass.yaml"
     threads: 1
     resources:
         mem_mb=3000,
         runtime=20,
-    conda:
-        "../../envs/grass.yaml"
+    params:
+        blocks=section("blocks"),
+        tile_size=TILE_SIZE,
     script:
         "../scripts/cube.py"
 
@@ -101,16 +101,16 @@ rule tiles_block:
         f"{LOGS}/{{variant}}/blocks/{{block}}/tiles.log",
     benchmark:
         f"{BENCH}/{{variant}}/blocks/{{block}}/tiles.tsv"
-    params:
-        tiles=section("tiles"),
     group:
         "tiles"
+    conda:
+        "../../envs/grass.yaml"
     threads: 1
     resources:
         mem_mb=3000,
         runtime=20,
-    conda:
-        "../../envs/grass.yaml"
+    params:
+        tiles=section("tiles"),
     script:
         "../scripts/tiles_block.py"
 
@@ -118,7 +118,9 @@ rule tiles_block:
 rule tile_store:
     input:
         index=per_block(f"{RESULTS}/{{variant}}/blocks/{{block}}/tiles/index.csv"),
-        clear_fraction=per_block(f"{RESULTS}/{{variant}}/blocks/{{block}}/tiles/clear_fraction.npy"),
+        clear_fraction=per_block(
+            f"{RESULTS}/{{variant}}/blocks/{{block}}/tiles/clear_fraction.npy"
+        ),
         moments=per_block(f"{RESULTS}/{{variant}}/blocks/{{block}}/tiles/moments.npz"),
         summary=per_block(f"{RESULTS}/{{variant}}/blocks/{{block}}/tiles/tiles.json"),
     output:
@@ -130,14 +132,14 @@ rule tile_store:
         f"{LOGS}/{{variant}}/tile_store.log",
     benchmark:
         f"{BENCH}/{{variant}}/tile_store.tsv"
-    params:
-        tiles=section("tiles"),
+    conda:
+        "../../envs/grass.yaml"
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
-    conda:
-        "../../envs/grass.yaml"
+    params:
+        tiles=section("tiles"),
     script:
         "../scripts/tile_store.py"
 

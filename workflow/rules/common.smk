@@ -8,13 +8,16 @@ from snakemake.utils import validate
 
 import stfuse.config
 
-
 validate(config, schema="../schemas/config.schema.yaml")
-stfuse.config.check(config)  # every DAG-time check beyond the schema, each naming its config key
+stfuse.config.check(
+    config
+)  # every DAG-time check beyond the schema, each naming its config key
 if "grass_project" in config["input"]:
     import stfuse.existing
 
-    stfuse.existing.check_config(config)  # the user's STRDS are read as they are: no scale/offset/nodata
+    stfuse.existing.check_config(
+        config
+    )  # the user's STRDS are read as they are: no scale/offset/nodata
 
 # The command as the user typed it, for the lineage of the filled series (register.py); setdefault: a job's own
 # Snakemake process (Slurm) inherits the first one.
@@ -76,13 +79,16 @@ TILE_SIZE = section("tiles").get("size", 32)
 
 def _plan_region():
     """The region's rows and columns: from the config when it fixes them (a synthetic scene, an explicit
-    region: planned without running anything), else from the ingest_project checkpoint's project.json."""
+    region: planned without running anything), else from the ingest_project checkpoint's project.json.
+    """
     import json
 
     known = stfuse.config.region_size(config)
     if known:
         return dict(cols=known[0], rows=known[1])
-    return json.loads(Path(checkpoints.ingest_project.get().output.state).read_text())["region"]
+    return json.loads(Path(checkpoints.ingest_project.get().output.state).read_text())[
+        "region"
+    ]
 
 
 def block_plan():
@@ -99,7 +105,9 @@ def per_block(pattern, **kw):
     """An input function: ``pattern`` (with {block} and the job's own wildcards) for every block."""
 
     def expand_blocks(wildcards):
-        own = {k: v for k, v in wildcards.items() if k != "block"}  # a block job asking for every block
+        own = {
+            k: v for k, v in wildcards.items() if k != "block"
+        }  # a block job asking for every block
         return [pattern.format(**own, **kw, block=b) for b in block_ids()]
 
     return expand_blocks
@@ -137,7 +145,9 @@ def benchmark_possible(wildcards=None):
     """The holdout checkpoint's decision: do the study's data support the benchmark? (holdout.json)"""
     import json
 
-    return json.loads(Path(checkpoints.holdout.get().output.info).read_text())["possible"]
+    return json.loads(Path(checkpoints.holdout.get().output.info).read_text())[
+        "possible"
+    ]
 
 
 def scored_blocks(wildcards):

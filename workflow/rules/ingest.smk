@@ -10,14 +10,14 @@ rule scene:
         f"{LOGS}/scene/scene.log",
     benchmark:
         f"{BENCH}/scene/scene.tsv"
-    params:
-        synthetic=section("input", "synthetic"),
+    conda:
+        "../../envs/grass.yaml"
     threads: 1
     resources:
         mem_mb=1000,
         runtime=10,
-    conda:
-        "../../envs/grass.yaml"
+    params:
+        synthetic=section("input", "synthetic"),
     script:
         "../scripts/scene.py"
 
@@ -33,6 +33,12 @@ checkpoint ingest_project:
         f"{LOGS}/ingest/project.log",
     benchmark:
         f"{BENCH}/ingest/project.tsv"
+    conda:
+        "../../envs/grass.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
     params:
         input=section("input"),
         sensors=section("sensors"),
@@ -43,12 +49,6 @@ checkpoint ingest_project:
         # are replaced only as grass.replace_foreign_maps allows.
         study=STUDY,
         grass=section("grass"),
-    threads: 1
-    resources:
-        mem_mb=1000,
-        runtime=10,
-    conda:
-        "../../envs/grass.yaml"
     script:
         "../scripts/ingest_project.py"
 
@@ -62,17 +62,17 @@ rule ingest_sensor:
         f"{LOGS}/ingest/{{sensor}}.log",
     benchmark:
         f"{BENCH}/ingest/{{sensor}}.tsv"
-    params:
-        sensors=section("sensors"),
-        checked=f"{RESULTS}/ingest/checked_manifest.csv",
     wildcard_constraints:
         sensor="|".join(SENSORS),
+    conda:
+        "../../envs/grass.yaml"
     threads: 1
     resources:
         mem_mb=2000,
         runtime=30,
-    conda:
-        "../../envs/grass.yaml"
+    params:
+        sensors=section("sensors"),
+        checked=f"{RESULTS}/ingest/checked_manifest.csv",
     script:
         "../scripts/ingest_sensor.py"
 

@@ -25,17 +25,17 @@ rule train_model:
         f"{LOGS}/{{variant}}/train.log",
     benchmark:
         f"{BENCH}/{{variant}}/train.tsv"
-    params:
-        train=section("train"),
-        k_neighbours=section("pairing", "neighbours"),
+    conda:
+        "../../envs/torch.yaml"
     # scheduling hint only: torch's thread count is config train.threads (in params.train), so
     # results do not depend on --cores
     threads: 2
     resources:
         mem_mb=8000,
         runtime=120,
-    conda:
-        "../../envs/torch.yaml"
+    params:
+        train=section("train"),
+        k_neighbours=section("pairing", "neighbours"),
     script:
         "../scripts/train.py"
 
@@ -55,17 +55,17 @@ rule predict_block:
         f"{LOGS}/{{variant}}/blocks/{{block}}/infer.log",
     benchmark:
         f"{BENCH}/{{variant}}/blocks/{{block}}/infer.tsv"
-    params:
-        infer=section("infer"),
     group:
         "predict"
+    conda:
+        "../../envs/torch.yaml"
     # scheduling hint only: torch's thread count is config infer.threads
     threads: 1
     resources:
         mem_mb=4000,
         runtime=60,
-    conda:
-        "../../envs/torch.yaml"
+    params:
+        infer=section("infer"),
     script:
         "../scripts/predict_block.py"
 
@@ -85,12 +85,12 @@ rule register_filled:
         f"{LOGS}/register/register.log",
     benchmark:
         f"{BENCH}/register/register.tsv"
+    conda:
+        "../../envs/grass.yaml"
     threads: 1
     resources:
         mem_mb=4000,
         runtime=30,
-    conda:
-        "../../envs/grass.yaml"
     script:
         "../scripts/register.py"
 
