@@ -29,8 +29,13 @@ esac
 
 stamp="$VENV/.stfuse-setup-stamp"
 want=$( (cat requirements.txt pyproject.toml; echo "$grass_version") | sha256sum | cut -d' ' -f1)
+# The GRASS module i.fusion.temporal on GRASS's addon path (~/.grass8/addons), run by the venv's Python:
+# cheap, so on every run (a deleted addon comes back even when nothing else changed).
+install_addon() { scripts/install_grass_addon.sh --python "$PWD/$VENV/bin/python" >/dev/null; }
+
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
-  say "up to date (GRASS $grass_version, $VENV)"
+  install_addon
+  say "up to date (GRASS $grass_version, $VENV, i.fusion.temporal)"
   exit 0
 fi
 
@@ -43,5 +48,6 @@ site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["pur
 grass --config python_path > "$site/grass_gis.pth"
 "$VENV/bin/python" -c 'import grass.script, stfuse, torch, snakemake' \
   || { say "import check failed"; exit 1; }
+install_addon
 echo "$want" > "$stamp"
 say "done (GRASS $grass_version, torch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)'))"

@@ -110,3 +110,10 @@ def test_env_deploys_from_snakemakes_copy(env, tmp_path):
         env={**os.environ, "STFUSE_ROOT": str(ROOT)})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Would install stfuse-" in proc.stdout, proc.stdout
+
+
+def test_rule_files_are_snakefmt_clean():
+    """The catalogue's formatting check: `snakefmt --check` changes nothing in the Snakefile and rule files."""
+    proc = subprocess.run([str(Path(sys.executable).with_name("snakefmt")), "--check", "Snakefile", "workflow/rules"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]

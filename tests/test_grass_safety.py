@@ -140,6 +140,26 @@ def test_a_users_map_in_an_stfuse_mapset_is_refused_unless_allowed(grass_project
 
 @needs_grass
 @pytest.mark.grass
+def test_a_users_strds_in_an_stfuse_mapset_is_refused(grass_project):
+    """Space-time datasets count as a user's elements too (GRASS keeps them in TGIS's strds_base table)."""
+    with grass.own_session(grass_project, "safety_tgis", study="s", stage="register") as gs:
+        gs.run_command("r.mapcalc", expression="S2_filled_y = 1", quiet=True)
+        gs.run_command("t.create", output="S2_filled", title="t", description="d", quiet=True)
+    marker = json.loads((grass_project / "safety_tgis" / grass.OWN_MAPSET_MARKER).read_text())
+    assert marker["elements"]["strds"] == ["S2_filled@safety_tgis"] and marker[grass.TGIS_RECORDED]
+    grass_exec(grass_project / "safety_tgis", "t.create", "output=my_series", "title=mine", "description=mine")
+    before = tree_hash(grass_project / "safety_tgis")
+    with pytest.raises(grass.ForeignMaps, match=r"STRDS my_series@safety_tgis"):
+        grass.own_mapset(grass_project, "safety_tgis", study="s", stage="register")
+    assert tree_hash(grass_project / "safety_tgis") == before
+    # a marker from before TGIS was read right (no flag): its datasets are unknown, not foreign
+    del marker[grass.TGIS_RECORDED]
+    (grass_project / "safety_tgis" / grass.OWN_MAPSET_MARKER).write_text(json.dumps(marker))
+    assert grass.foreign_elements(grass_project / "safety_tgis") == {}
+
+
+@needs_grass
+@pytest.mark.grass
 def test_an_unfinished_stage_is_replaced_and_another_studys_mapset_is_refused(grass_project):
     grass.own_mapset(grass_project, "safety_partial", study="gp", stage="register")
     with grass.session(grass_project, "safety_partial") as gs:  # a killed job: no record

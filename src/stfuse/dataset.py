@@ -398,7 +398,7 @@ class GapFillDataset(Dataset):
     tiles_dir
         Directory written by :func:`stfuse.tiles.export_tiles`, or a tile store written by
         :func:`stfuse.tiles.merge_tile_store` (its index.csv has a ``store`` column: the tiles
-        stay in each block's tiles.npy, memory-mapped as they are needed, never concatenated).
+        stay in each block's tiles.npy, read a (tile, date) at a time, never concatenated).
         Both give the same samples for the same tiles.
     split
         ``"train"`` or ``"val"``.

@@ -276,6 +276,9 @@ OWN_MAPSET_MARKER = ".stfuse_mapset"
 ELEMENTS = {"cellhd": "raster", "vector": "vector", "group": "group", "grid3": "raster_3d", "windows": "region"}
 # Space-time dataset tables of a mapset's TGIS database.
 TGIS_TABLES = {"strds": "STRDS", "stvds": "STVDS", "str3ds": "STR3DS"}
+# Markers written before 2026-12-01 recorded no space-time dataset (the query missed GRASS's *_base tables):
+# only markers with this flag say which datasets the stage wrote.
+TGIS_RECORDED = "tgis_recorded"
 KINDS = {**ELEMENTS, **TGIS_TABLES}
 
 
@@ -323,8 +326,8 @@ def mapset_elements(mapset_path: str | os.PathLike) -> dict[str, list[str]]:
         con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
         try:
             for table in TGIS_TABLES:
-                with contextlib.suppress(sqlite3.Error):
-                    out[table] = sorted(r[0] for r in con.execute(f"SELECT id FROM {table}"))
+                with contextlib.suppress(sqlite3.Error):  # a table GRASS has not made yet
+                    out[table] = sorted(r[0] for r in con.execute(f"SELECT id FROM {table}_base"))
         finally:
             con.close()
     return out
@@ -340,6 +343,8 @@ def foreign_elements(mapset_path: str | os.PathLike, marker: dict | None = None)
     if recorded is None:
         return {}
     now = mapset_elements(mapset_path)
+    if not marker.get(TGIS_RECORDED):  # recorded before stfuse read TGIS right: its datasets are unknown
+        now = {k: v for k, v in now.items() if k not in TGIS_TABLES}
     out = {k: [n for n in names if n not in set(recorded.get(k, []))] for k, names in now.items()}
     return {k: v for k, v in out.items() if v}
 
@@ -351,7 +356,7 @@ def describe_elements(elements: dict[str, list[str]]) -> str:
 def record_mapset(mapset_path: str | os.PathLike) -> dict:
     """Record in the marker what the stage wrote (called when its session finishes without error)."""
     marker = read_marker(mapset_path) or {"made_by": "stfuse"}
-    marker.update(elements=mapset_elements(mapset_path), finished=_now())
+    marker.update(elements=mapset_elements(mapset_path), finished=_now(), **{TGIS_RECORDED: True})
     write_marker(mapset_path, marker)
     return marker
 
