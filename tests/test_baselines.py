@@ -13,12 +13,14 @@ from stfuse.baselines import (
     BASELINES,
     days_since_start,
     fit_sar_regression,
+    harmonic,
     linear_in_time,
     nearest_in_time,
     run_baseline,
     sar_regression,
     whittaker,
     whittaker_smooth,
+    whittaker_tuning,
 )
 
 T0 = np.datetime64("2021-04-03T10:36:12", "ns")
@@ -118,7 +120,7 @@ def test_linear_hand_example_and_constant_extension():
 def test_never_observed_pixel_stays_nan_and_single_value_is_carried():
     times = dates([0, 1, 2])
     obs = cube([NAN, NAN, NAN], [NAN, 5, NAN])
-    for name in ("nearest", "linear", "whittaker"):
+    for name in ("nearest", "linear", "whittaker", "harmonic"):
         out = run_baseline(name, obs, times)
         assert np.isnan(out[:, 0, 0, 0]).all(), name
         np.testing.assert_array_equal(out[:, 0, 0, 1], [5, 5, 5], err_msg=name)
@@ -303,6 +305,128 @@ def test_sar_regression_needs_sar():
 
 
 # -------------------------------------------------------------------------------------------
+# harmonic (HANTS)
+# -------------------------------------------------------------------------------------------
+
+def seasonal(days, phase=0.3):
+    """Mean + yearly + half-yearly harmonic: what harmonic() with n = 2 fits exactly."""
+    w = 2 * np.pi * np.asarray(days) / 365.25
+    return 0.3 + 0.1 * np.cos(w + phase) + 0.04 * np.sin(2 * w) - 0.02 * np.cos(2 * w)
+
+
+def seasonal_case(seed=0, t=40, n_px=6, span=600.0, gap_rate=0.5):
+    rng = np.random.default_rng(seed)
+    days = np.concatenate([[0.0], np.sort(rng.uniform(1.0, span, t - 1))])
+    truth = np.stack([seasonal(days, phase=0.5 * p) for p in range(n_px)], axis=-1)[:, None, None, :]
+    gaps = rng.random(truth.shape) < gap_rate
+    return days, truth, gaps
+
+
+def test_harmonic_recovers_a_pure_harmonic_signal_with_gaps():
+    days, truth, gaps = seasonal_case()
+    out = harmonic(np.where(gaps, np.nan, truth), dates(days))
+    assert gaps.sum() > 50
+    assert np.abs(out - truth)[gaps].mean() < 1e-6
+    # a signal with a third harmonic is not recovered by n = 2, but is by n = 3
+    third = truth + 0.03 * np.cos(6 * np.pi * days / 365.25)[:, None, None, None]
+    obs = np.where(gaps, np.nan, third)
+    assert np.abs(harmonic(obs, dates(days)) - third)[gaps].mean() > 1e-3
+    assert np.abs(harmonic(obs, dates(days), n_harmonics=3) - third)[gaps].mean() < 1e-6
+
+
+@pytest.mark.parametrize("reject, shift", [("low", -0.25), ("high", 0.25), ("both", 0.25), ("both", -0.25)])
+def test_harmonic_rejects_outliers_on_its_side(reject, shift):
+    days, truth, gaps = seasonal_case(seed=1, t=50)
+    rng = np.random.default_rng(2)
+    outliers = ~gaps & (rng.random(truth.shape) < 0.12)          # undetected clouds / shadows
+    assert outliers.sum() >= 10
+    obs = np.where(gaps, np.nan, truth + np.where(outliers, shift, 0.0))
+    out = harmonic(obs, dates(days), reject=reject)
+    assert np.abs(out - truth)[gaps].max() < 1e-6
+    np.testing.assert_array_equal(out[~gaps], obs[~gaps])       # observed values kept, outliers too
+    kept = harmonic(obs, dates(days), reject="none")
+    assert np.abs(kept - truth)[gaps].mean() > 5e-3            # without rejection the fit is pulled
+    wrong = {"low": "high", "high": "low"}.get(reject)
+    if wrong:                                                 # rejecting on the other side does not help
+        assert np.abs(harmonic(obs, dates(days), reject=wrong) - truth)[gaps].mean() > 5e-3
+
+
+def test_harmonic_rejection_keeps_at_least_2n_plus_2_values():
+    days = np.arange(0.0, 360.0, 30.0)                       # 12 dates
+    y = seasonal(days)
+    y[[1, 3, 5, 7, 9, 11]] -= 0.3                             # half the series is "cloud": cannot all go
+    out = harmonic(cube(np.where(np.arange(12) == 6, np.nan, y)), dates(days))
+    assert np.isfinite(out).all()
+
+
+def test_harmonic_falls_back_with_too_few_observations():
+    days = np.array([0.0, 20.0, 45.0, 80.0, 130.0, 200.0, 290.0])
+    full = seasonal(days)
+    five = np.where([1, 1, 0, 1, 1, 0, 1], full, np.nan)        # 5 < 2 n + 2 = 6: linear in time
+    one = np.where([0, 0, 0, 1, 0, 0, 0], full, np.nan)
+    obs = cube(five, one, np.full(7, np.nan))
+    out = harmonic(obs, dates(days))
+    np.testing.assert_array_equal(out[:, 0, 0, 0], linear_in_time(obs, dates(days))[:, 0, 0, 0])
+    np.testing.assert_array_equal(out[:, 0, 0, 1], np.full(7, np.float32(full[3])))
+    assert np.isnan(out[:, 0, 0, 2]).all()
+    six = np.where([1, 1, 0, 1, 1, 1, 1], full, np.nan)        # 6 = 2 n + 2: the harmonic fit
+    assert abs(harmonic(cube(six), dates(days))[2, 0, 0, 0] - full[2]) < 1e-6
+
+
+def test_harmonic_ill_posed_fit_falls_back_to_linear():
+    days = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 200.0])  # observed on 7 days within 3: no yearly cycle
+    y = np.where(np.arange(8) < 7, 0.2 + 0.01 * np.arange(8), np.nan)
+    out = harmonic(cube(y), dates(days))
+    np.testing.assert_array_equal(out, linear_in_time(cube(y), dates(days)))
+
+
+def test_harmonic_rejects_bad_parameters():
+    obs, times, _ = random_case()
+    with pytest.raises(ValueError, match="reject"):
+        harmonic(obs, times, reject="upper")
+    with pytest.raises(ValueError, match="period"):
+        harmonic(obs, times, period=0.0)
+
+
+# -------------------------------------------------------------------------------------------
+# Whittaker's lambda by leave-out
+# -------------------------------------------------------------------------------------------
+
+def test_tuning_prefers_small_lambda_for_fast_signals_and_large_for_noise():
+    rng = np.random.default_rng(0)
+    days = np.arange(0.0, 300.0, 5.0)
+    fast = 0.3 + 0.1 * np.sin(2 * np.pi * days / 40.0)          # a 40-day cycle: little smoothing
+    noise = 0.3 + 0.02 * rng.standard_normal((days.size, 1, 12, 12))   # flat + noise: all the smoothing
+    grid = bl.WHITTAKER_LAMBDA_GRID
+    lam_fast, mse = bl.choose_whittaker_lambda(*whittaker_tuning(
+        np.broadcast_to(fast[:, None, None, None], (days.size, 1, 12, 12)).copy(), dates(days)))
+    lam_noise, _ = bl.choose_whittaker_lambda(*whittaker_tuning(noise, dates(days)))
+    assert lam_fast == grid[0] and lam_noise == grid[-1]
+    assert mse.shape == (len(grid),) and mse[0] < mse[4] < mse[-1]
+
+
+def test_tuning_reads_only_finite_values_and_depends_on_the_cell_position():
+    obs, times, _ = random_case(seed=3, t=20, h=16, w=16, gap_rate=0.3)
+    sse, n = whittaker_tuning(obs, times)
+    assert (n > 0).all() and (n == n[0]).all() and np.isfinite(sse).all()
+    # the window of a larger region at its origin gives the region's sums for those cells
+    top, bottom = whittaker_tuning(obs[:, :, :7], times), whittaker_tuning(obs[:, :, 7:], times, origin=(7, 0))
+    np.testing.assert_array_equal(top[1] + bottom[1], n)
+    np.testing.assert_allclose(top[0] + bottom[0], sse, rtol=1e-12)
+    assert not np.array_equal(whittaker_tuning(obs[:, :, 7:], times)[1], bottom[1]) or \
+        not np.allclose(whittaker_tuning(obs[:, :, 7:], times)[0], bottom[0])
+
+
+def test_choose_whittaker_lambda_ties_go_to_the_smaller():
+    grid = (10.0, 100.0, 1000.0)
+    assert bl.choose_whittaker_lambda([3.0, 2.0, 2.0], [1, 1, 1], grid)[0] == 100.0
+    assert bl.choose_whittaker_lambda([3.0, 2.0 * (1 + 1e-13), 2.0], [1, 1, 1], grid)[0] == 100.0
+    assert bl.choose_whittaker_lambda([3.0, 2.0, 1.0], [1, 1, 1], grid)[0] == 1000.0
+    lam, mse = bl.choose_whittaker_lambda([0.0, 0.0, 0.0], [0, 0, 0], grid)
+    assert lam == bl.DEFAULT_WHITTAKER_LAMBDA and np.isnan(mse).all()
+
+
+# -------------------------------------------------------------------------------------------
 # common contract
 # -------------------------------------------------------------------------------------------
 
@@ -323,7 +447,7 @@ def test_valid_pixels_unchanged_and_gaps_filled(name):
 
 
 def test_registry_and_unknown_name():
-    assert set(BASELINES) == {"nearest", "linear", "whittaker", "sar_regression"}
+    assert set(BASELINES) == {"nearest", "linear", "whittaker", "sar_regression", "harmonic"}
     obs, times, _ = random_case()
     np.testing.assert_array_equal(run_baseline("whittaker", obs, times, lam=5.0),
                                   whittaker(obs, times, lam=5.0))

@@ -87,7 +87,8 @@ def test_one_block_is_the_whole_region_scored_at_once(tmp_path):
     times = pd.to_datetime([d["start_time"] for d in meta["dates"]]).tz_convert("UTC").tz_localize(None).to_numpy()
     truth, _ = benchmark.observed(cube, CHANNELS)
     gappy, clear_in = benchmark.observed(hide(cube, CHANNELS, hidden), CHANNELS)
-    methods = benchmark.run_methods(gappy, times, cube[:, 5:7], np.load(root / "heldout" / "filled.npy"), 1000.0)
+    lam = json.loads((root / "one" / "benchmark.json").read_text())["whittaker_lambda"]   # auto: the tuned one
+    methods = benchmark.run_methods(gappy, times, cube[:, 5:7], np.load(root / "heldout" / "filled.npy"), lam)
     ref = benchmark.score_methods(methods, truth, hidden, clear_in, times, BANDS, 1.0, "transplanted clouds",
                                   observed=benchmark.observed_cells(cube, CHANNELS))
     got = table[table.protocol == "transplanted clouds"].reset_index(drop=True)

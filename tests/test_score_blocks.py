@@ -281,7 +281,9 @@ def test_blocks_merge_to_the_whole_region_table(tmp_path, scene, size, halo):
     assert_same_table(table, ref)
     out, whole_out = tmp_path / "blocked" / "benchmark", root / "whole" / "benchmark"
     assert (out / "summary.md").read_text() == (whole_out / "summary.md").read_text()
-    assert json.loads((out / "benchmark.json").read_text()) == json.loads((whole_out / "benchmark.json").read_text())
+    info = json.loads((out / "benchmark.json").read_text())
+    assert info == json.loads((whole_out / "benchmark.json").read_text())      # the same lambdas chosen, too
+    assert info["whittaker_lambda_setting"] == 1000.0 and len(info["whittaker_tuning"]["rmse"]) == 9
     pd.testing.assert_frame_equal(pd.read_csv(out / "scores.csv"), pd.read_csv(whole_out / "scores.csv"), rtol=1e-5)
     for png in ("quicklook.png", "by_gap.png"):
         assert (out / png).stat().st_size > 3000

@@ -57,7 +57,7 @@ def test_every_stage_produces_its_outputs(demo_run):
     filled = json.loads((res / "register/filled.json").read_text())
     assert filled["strds"] == "S2_filled@register" and len(filled["granules"]) > 5
     scores = pd.read_csv(res / "benchmark/scores.csv")
-    assert set(scores.method) == {"nearest", "linear", "whittaker", "sar_regression", "stfuse_model"}
+    assert set(scores.method) == {"nearest", "linear", "whittaker", "harmonic", "sar_regression", "stfuse_model"}
     assert set(scores.protocol) == {"transplanted clouds", "real clouds (synthetic truth)"}
     assert "| stfuse_model |" in (res / "benchmark/summary.md").read_text()
     for png in ("benchmark/by_gap.png", "benchmark/quicklook.png", "main/model/loss.png", "heldout/model/loss.png"):

@@ -28,6 +28,10 @@ Methods (also in :data:`BASELINES`, callable through :func:`run_baseline`):
 ``linear``    :func:`linear_in_time`: linear interpolation in time, constant extension at the ends.
 ``whittaker`` :func:`whittaker`: Whittaker smoother (2nd-order, divided differences, gap weights 0).
 ``sar_regression`` :func:`sar_regression`: optical ~ a + sum_s c_s * SAR_s, linear fallback.
+``harmonic``  :func:`harmonic`: HANTS-style fit of a mean and yearly harmonics, outliers rejected.
+
+Whittaker's lambda can be chosen from the data (:func:`whittaker_tuning`, :func:`choose_whittaker_lambda`):
+by leave-out on the observed values only, so a benchmark that tunes it never looks at the cells it scores.
 """
 
 from __future__ import annotations
@@ -42,8 +46,11 @@ __all__ = [
     "BASELINES",
     "DEFAULT_WHITTAKER_LAMBDA",
     "SarStats",
+    "WHITTAKER_LAMBDA_GRID",
     "days_since_start",
+    "choose_whittaker_lambda",
     "fit_sar_regression",
+    "harmonic",
     "linear_in_time",
     "merge_sar_stats",
     "nearest_in_time",
@@ -53,12 +60,19 @@ __all__ = [
     "solve_sar_regression",
     "whittaker",
     "whittaker_smooth",
+    "whittaker_tuning",
 ]
 
 logger = logging.getLogger("stfuse.baselines")
 
 #: default Whittaker lambda, in "daily grid" units (see :func:`whittaker`)
 DEFAULT_WHITTAKER_LAMBDA = 1000.0
+#: the candidates of :func:`whittaker_tuning`: 10 .. 1e5, two per decade (ascending: ties go to the smaller)
+WHITTAKER_LAMBDA_GRID = tuple(float(v) for v in 10.0 ** np.linspace(1.0, 5.0, 9))
+#: :func:`whittaker_tuning` holds out every k-th observed value of a series ...
+TUNING_EVERY = 5
+#: ... of about one cell in this many (a hash of the cell's position in the region: any block layout)
+TUNING_STRIDE = 8
 #: (band, pixel) series processed at once; bounds the float64 work arrays to about T x 0.5 MiB each
 CHUNK = 65_536
 _NS_PER_DAY = 86_400 * 10**9
@@ -351,6 +365,89 @@ def whittaker(obs, times, sar=None, lam: float = DEFAULT_WHITTAKER_LAMBDA) -> np
 
 
 # --------------------------------------------------------------------------------------------
+# Whittaker's lambda by leave-out on the observed values
+# --------------------------------------------------------------------------------------------
+
+def _cell_hash(rows: np.ndarray, cols: np.ndarray, seed: int) -> np.ndarray:
+    """A well-mixed uint64 per cell from its (global) row and column (splitmix64's finaliser)."""
+    with np.errstate(over="ignore"):
+        x = (rows.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+             ^ (cols.astype(np.uint64) + np.uint64(0x632BE59BD9B4E019)) * np.uint64(0xD6E8FEB86659FD93)
+             ^ np.uint64(seed & 0xFFFFFFFF) * np.uint64(0xA0761D6478BD642F))
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return x
+
+
+def tuning_cells(shape, origin=(0, 0), *, every: int = TUNING_EVERY, stride: int = TUNING_STRIDE,
+                 seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The cells of an (h, w) window at ``origin`` (its first row and column in the region) that take part in
+    :func:`whittaker_tuning` (bool (h, w)), and each cell's offset in 0..every-1 (which observed values it
+    holds out). Both depend on the cell's position in the region only, so blocks agree with the whole."""
+    h, w = (int(v) for v in shape)
+    rows, cols = np.meshgrid(np.arange(h) + int(origin[0]), np.arange(w) + int(origin[1]), indexing="ij")
+    x = _cell_hash(rows, cols, seed)
+    return x % np.uint64(stride) == 0, ((x // np.uint64(stride)) % np.uint64(every)).astype(np.int64)
+
+
+def whittaker_tuning(obs, times, lambdas=WHITTAKER_LAMBDA_GRID, *, origin=(0, 0), every: int = TUNING_EVERY,
+                     stride: int = TUNING_STRIDE, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Leave-out criterion of each candidate lambda on the *observed* values of ``obs`` (T, B, H, W).
+
+    Of the cells :func:`tuning_cells` picks (about one in ``stride``), each (band, cell) series holds out
+    every ``every``-th of its observed values (from its own offset), is smoothed from the rest with each
+    lambda (:func:`whittaker_smooth`: zero weights on the gaps and on the held-out values) and the squared
+    errors on the held-out values are summed. Non-finite values of ``obs`` are gaps and are never read:
+    give it the series the methods get. Series with fewer than 3 values left are skipped (their fit
+    does not depend on lambda). ``origin``: the window's first row and column in the region.
+
+    Returns ``sse`` (L,) float64 and ``n`` (L,) int64, the held-out values counted: additive over the
+    blocks of a region (sum them, then :func:`choose_whittaker_lambda`)."""
+    obs, days = _check_obs(obs, times)
+    lambdas = [float(v) for v in lambdas]
+    t, nb = obs.shape[:2]
+    pick, offset = tuning_cells(obs.shape[2:], origin, every=every, stride=stride, seed=seed)
+    y = obs[:, :, pick].reshape(t, -1).astype(np.float64)           # (T, B * cells)
+    off = np.broadcast_to(offset[pick], (nb, int(pick.sum()))).reshape(-1)
+    valid = np.isfinite(y)
+    held = valid & ((np.cumsum(valid, axis=0) - 1 + off) % every == 0)
+    train = valid & ~held
+    use = (train.sum(axis=0) >= 3) & held.any(axis=0)
+    y, held, train = y[:, use], held[:, use], train[:, use]
+    sse, n = np.zeros(len(lambdas)), np.zeros(len(lambdas), dtype=np.int64)
+    for start in range(0, y.shape[1], CHUNK):
+        cols = slice(start, start + CHUNK)
+        yc, hc, tc = y[:, cols], held[:, cols], train[:, cols]
+        for i, lam in enumerate(lambdas):
+            z = _whittaker_core(np.where(tc, yc, 0.0), tc.astype(np.float64), days, lam)
+            err = (z - yc)[hc]
+            sse[i] += float(np.dot(err, err))
+            n[i] += err.size
+    return sse, n
+
+
+def choose_whittaker_lambda(sse, n, lambdas=WHITTAKER_LAMBDA_GRID) -> tuple[float, np.ndarray]:
+    """The lambda of least mean squared leave-out error (:func:`whittaker_tuning`'s sums, possibly merged
+    over blocks), and the mean squared error of each candidate (NaN where nothing was held out).
+
+    Ties (within a relative 1e-9, so that float summation order over blocks cannot flip the choice) go to
+    the smaller lambda. Nothing held out at all: :data:`DEFAULT_WHITTAKER_LAMBDA`, with a warning."""
+    sse, n = np.asarray(sse, dtype=np.float64), np.asarray(n, dtype=np.int64)
+    lambdas = np.asarray(lambdas, dtype=np.float64)
+    if not (sse.shape == n.shape == lambdas.shape) or np.any(np.diff(lambdas) <= 0):
+        raise ValueError("sse, n and lambdas must have one value per candidate, lambdas increasing")
+    mse = np.where(n > 0, sse / np.maximum(n, 1), np.nan)
+    if not np.isfinite(mse).any():
+        logger.warning("whittaker tuning: no observed value could be held out; lambda %g", DEFAULT_WHITTAKER_LAMBDA)
+        return DEFAULT_WHITTAKER_LAMBDA, mse
+    best = np.nanmin(mse)
+    return float(lambdas[np.flatnonzero(mse <= best * (1.0 + 1e-9))[0]]), mse
+
+
+# --------------------------------------------------------------------------------------------
 # SAR regression
 # --------------------------------------------------------------------------------------------
 
@@ -554,6 +651,113 @@ def sar_regression(obs, times, sar, per_pixel: bool = False, min_samples: int = 
 
 
 # --------------------------------------------------------------------------------------------
+# harmonic (HANTS-style)
+# --------------------------------------------------------------------------------------------
+
+#: HANTS' settings of :func:`harmonic`: harmonics of a year, fit error tolerance (data units: reflectance),
+#: rejection rounds, and the degree of overdetermination (values kept beyond the 2 n + 1 parameters)
+DEFAULT_HARMONICS = 2
+HARMONIC_PERIOD_DAYS = 365.25
+HARMONIC_TOLERANCE = 0.05
+HARMONIC_ITERATIONS = 5
+HARMONIC_DOD = 1
+_REJECT_SIGN = {"low": 1.0, "high": -1.0}
+
+
+def _harmonic_design(days: np.ndarray, n_harmonics: int, period: float) -> np.ndarray:
+    """(T, 1 + 2 n): 1, cos(k w t), sin(k w t) for k = 1..n, w = 2 pi / period."""
+    cols = [np.ones_like(days)]
+    for k in range(1, n_harmonics + 1):
+        angle = 2.0 * np.pi * k * days / period
+        cols += [np.cos(angle), np.sin(angle)]
+    return np.stack(cols, axis=1)
+
+
+def _harmonic_fit(y: np.ndarray, w: np.ndarray, design: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted least squares per column: the fitted curves (T, n) and whether each fit is well posed (n,).
+
+    The normal equations of all columns at once: A' W A as one matrix product over the pairs of design
+    columns; ill-conditioned columns (e.g. a short season seen only at its start) are not solved."""
+    t, k = design.shape
+    pairs = (design[:, :, None] * design[:, None, :]).reshape(t, k * k)
+    normal = (pairs.T @ w).T.reshape(-1, k, k)                 # (n, k, k)
+    rhs = (design.T @ (w * y)).T                               # (n, k)
+    eig = np.linalg.eigvalsh(normal)
+    ok = eig[:, 0] > 1e-10 * np.maximum(eig[:, -1], 1e-300)
+    coef = np.zeros((y.shape[1], k))
+    if ok.any():
+        coef[ok] = np.linalg.solve(normal[ok], rhs[ok][..., None])[..., 0]
+    return design @ coef.T, ok
+
+
+def _rejected(err: np.ndarray, w: np.ndarray, n_out: np.ndarray, max_out: np.ndarray, ok: np.ndarray,
+              tolerance: float) -> np.ndarray:
+    """HANTS' rejection round: where the worst error beyond the fit exceeds the tolerance, the values whose
+    error exceeds half of it, the worst first, while fewer than ``max_out`` are out. (T, n) bool."""
+    err = np.where(w > 0, err, -np.inf)
+    worst = err.max(axis=0)
+    active = np.flatnonzero(ok & (worst > tolerance) & (n_out < max_out))
+    out = np.zeros(err.shape, dtype=bool)
+    if active.size:                                            # rank only the series that reject something
+        e, top = err[:, active], worst[active]
+        rank = np.argsort(np.argsort(-e, axis=0, kind="stable"), axis=0, kind="stable")  # 0 = the worst
+        out[:, active] = (e > 0.5 * top) & (rank < (max_out - n_out)[active])
+    return out
+
+
+def _harmonic_estimate(y, valid, days, n_harmonics, period, tolerance, iterations, reject):
+    design = _harmonic_design(days, n_harmonics, period)
+    min_obs = design.shape[1] + HARMONIC_DOD                   # 2 n + 2
+    w = valid.astype(np.float64)
+    n_obs = valid.sum(axis=0)
+    max_out = np.maximum(n_obs - min_obs, 0)
+    n_out = np.zeros_like(n_obs)
+    for round_ in range(iterations + 1):
+        fit, ok = _harmonic_fit(y, w, design)
+        if round_ == iterations or reject == "none":
+            break
+        diff = fit - y
+        err = np.abs(diff) if reject == "both" else _REJECT_SIGN[reject] * diff
+        out = _rejected(err, w, n_out, max_out, ok, tolerance)
+        if not out.any():
+            break
+        w[out] = 0.0
+        n_out = n_out + out.sum(axis=0)
+    fall_back = ~ok | (n_obs < min_obs)                         # too few values, or ill-posed: linear
+    if fall_back.any():
+        fit[:, fall_back] = _linear_estimate(y[:, fall_back], valid[:, fall_back], days)
+    return fit
+
+
+def harmonic(obs, times, sar=None, n_harmonics: int = DEFAULT_HARMONICS, period: float = HARMONIC_PERIOD_DAYS,
+             tolerance: float = HARMONIC_TOLERANCE, iterations: int = HARMONIC_ITERATIONS,
+             reject: str = "low") -> np.ndarray:
+    """Harmonic analysis of time series (HANTS, Roerink et al. 2000; GRASS ``r.hants``), per band and pixel.
+
+    Least squares fit of a mean plus ``n_harmonics`` harmonics of ``period`` days (a year by default:
+    n = 2 keeps the yearly and half-yearly cycles) to the observed values, in real time (irregular dates
+    are fine). Then up to ``iterations`` rounds of HANTS' outlier rejection: where the worst value on the
+    ``reject`` side of the fit lies more than ``tolerance`` (data units) from it, the values beyond half
+    that error are dropped, the worst first, keeping at least 2 n + 2, and the curve refitted. ``reject``:
+    ``"low"`` (HANTS' "Lo": values below the fit, as clouds and shadows in NDVI or dark-shadow
+    reflectances), ``"high"`` (bright clouds in reflectance), ``"both"``, or ``"none"``. The final curve fills
+    the gaps; observed values are returned unchanged (outliers included).
+
+    Series with fewer than 2 n + 2 observed values, or whose observed dates cannot pin the harmonics down
+    (an ill-conditioned fit, e.g. all values within a few days), fall back to :func:`linear_in_time` (its
+    value for a single observation; NaN for none). Vectorised over series: the normal equations of every
+    series as one matrix product, one batched solve per round. ``sar`` is ignored.
+    """
+    obs, days = _check_obs(obs, times)
+    if int(n_harmonics) < 0 or not period > 0 or not tolerance >= 0 or int(iterations) < 0:
+        raise ValueError("harmonic needs n_harmonics >= 0, period > 0, tolerance >= 0 and iterations >= 0")
+    if reject not in ("low", "high", "both", "none"):
+        raise ValueError(f"reject must be 'low', 'high', 'both' or 'none', got {reject!r}")
+    return _per_series(obs, days, lambda y, v, d: _harmonic_estimate(
+        y, v, d, int(n_harmonics), float(period), float(tolerance), int(iterations), reject))
+
+
+# --------------------------------------------------------------------------------------------
 # registry
 # --------------------------------------------------------------------------------------------
 
@@ -562,6 +766,7 @@ BASELINES: dict[str, Callable[..., np.ndarray]] = {
     "linear": linear_in_time,
     "whittaker": whittaker,
     "sar_regression": sar_regression,
+    "harmonic": harmonic,
 }
 
 

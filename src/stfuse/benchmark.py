@@ -5,7 +5,9 @@ date (seeded) is transplanted: those cells become artificial gaps. Every method 
 these gaps; metrics are computed only on the hidden cells, where the observation is the truth. The
 model scored here is trained on the masked series (the `heldout` variant of the workflow), so hidden
 cells never reach training as input or target. On the synthetic demo scene, the methods are also scored
-under the real clouds against the scene's known cloud-free truth.
+under the real clouds against the scene's known cloud-free truth. Whittaker's lambda (config
+benchmark.whittaker_lambda: auto) is tuned per protocol by leave-out on the observed values of the series the
+methods get, in the first pass: never on a scored cell, and the same lambda whatever the block layout.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import dataclasses
 import html
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -26,6 +29,8 @@ from .cube import clear_mask, hide, region_counts
 log = logging.getLogger("stfuse.benchmark")
 
 MODEL = "stfuse_model"
+#: config benchmark.whittaker_lambda's default: chosen per run by leave-out on the observed values
+AUTO = "auto"
 
 
 def _indices(channels: list[dict], kind: str) -> list[int]:
@@ -444,12 +449,19 @@ class BlockStats:
     sar: baselines.SarStats | None = None     # sar_regression statistics of the series with gaps
     real_fill: np.ndarray | None = None       # (2, T, B) of the synthetic truth
     real_sar: baselines.SarStats | None = None  # of the clear observations (real clouds, synthetic truth)
+    whittaker: tuple | None = None            # (sse (L,), n (L,)) baselines.whittaker_tuning of the series with gaps
+    real_whittaker: tuple | None = None       # of the clear observations (real clouds)
 
 
 def block_stats(core_cube: np.ndarray, hidden: np.ndarray, channels: list[dict],
-                truth: np.ndarray | None = None) -> BlockStats:
+                truth: np.ndarray | None = None, *, times=None, origin=(0, 0)) -> BlockStats:
     """:class:`BlockStats` of a block's core: ``core_cube`` (T, C, h, w), changed (the ``hidden`` (T, h, w)
-    cells are hidden in it: pass the pass's own copy); ``truth`` (T, B, h, w) the synthetic truth or None."""
+    cells are hidden in it: pass the pass's own copy); ``truth`` (T, B, h, w) the synthetic truth or None.
+
+    ``times`` (the dates, :func:`dates_to_times`): also Whittaker's leave-out criterion per candidate lambda
+    (:func:`stfuse.baselines.whittaker_tuning`) on the series the methods get -- after hiding, so never on a
+    hidden cell -- and, with ``truth``, on the clear observations the real-cloud protocol gives them.
+    ``origin``: the core's first row and column in the region (which cells the tuning holds out)."""
     seen = observed_cells(core_cube, channels)
     obs, clear = observed(core_cube, channels)
     gappy, clear_in = observed(hide(core_cube, channels, hidden, inplace=True), channels)
@@ -465,7 +477,16 @@ def block_stats(core_cube: np.ndarray, hidden: np.ndarray, channels: list[dict],
             stats.real_sar = baselines.sar_regression_stats(obs, sar)
     if truth is not None:
         stats.real_fill = metrics.ssim_fill_parts(truth)
+    if times is not None:
+        stats.whittaker = baselines.whittaker_tuning(gappy, times, origin=origin)
+        if truth is not None:
+            stats.real_whittaker = baselines.whittaker_tuning(obs, times, origin=origin)
     return stats
+
+
+def dates_to_times(dates: list[dict]) -> np.ndarray:
+    """The cube.json dates' start times as naive UTC datetime64."""
+    return pd.to_datetime([d["start_time"] for d in dates]).tz_convert("UTC").tz_localize(None).to_numpy()
 
 
 @dataclasses.dataclass
@@ -479,6 +500,26 @@ class RegionStats:
     real_fill: np.ndarray | None
     coef: np.ndarray | None    # pooled sar_regression coefficients (B, 1 + S); None without SAR
     real_coef: np.ndarray | None
+    whittaker: dict | None = None       # merge_whittaker_tuning of the blocks' leave-out sums; None: not run
+    real_whittaker: dict | None = None
+
+
+def merge_whittaker_tuning(parts) -> dict | None:
+    """The blocks' (sse, n) of :func:`stfuse.baselines.whittaker_tuning` summed (``math.fsum`` per candidate)
+    and the lambda chosen on them (:func:`stfuse.baselines.choose_whittaker_lambda`): ``lambda``, ``lambdas``,
+    ``rmse`` (per candidate), ``held_out`` (values per candidate). None when a part has no tuning."""
+    parts = list(parts)
+    if not parts or any(p is None for p in parts):
+        return None
+    grid = baselines.WHITTAKER_LAMBDA_GRID
+    if any(len(p[0]) != len(grid) for p in parts):
+        raise ValueError(f"the first passes' Whittaker tuning has other candidates than the {len(grid)} of this "
+                         "stfuse; rerun the benchmark's first pass (score_stats_block)")
+    sse = np.array([math.fsum(float(p[0][i]) for p in parts) for i in range(len(grid))])
+    n = np.sum([np.asarray(p[1], dtype=np.int64) for p in parts], axis=0)
+    lam, mse = baselines.choose_whittaker_lambda(sse, n, grid)
+    return {"lambda": lam, "lambdas": list(grid), "rmse": [float(v) for v in np.sqrt(mse)],
+            "held_out": [int(v) for v in n]}
 
 
 def merge_stats(parts: list[BlockStats], *, single: bool = False) -> RegionStats:
@@ -499,7 +540,8 @@ def merge_stats(parts: list[BlockStats], *, single: bool = False) -> RegionStats
         cloud=1.0 - _fraction(total("n_clear"), n_seen), cloud_in=1.0 - _fraction(total("n_clear_in"), n_seen),
         n_hidden=total("n_hidden"), fill=None if single else metrics.ssim_fill([p.fill for p in parts]),
         real_fill=None if single or not real else metrics.ssim_fill([p.real_fill for p in parts]),
-        coef=coef("sar"), real_coef=coef("real_sar"))
+        coef=coef("sar"), real_coef=coef("real_sar"), whittaker=merge_whittaker_tuning(p.whittaker for p in parts),
+        real_whittaker=merge_whittaker_tuning(p.real_whittaker for p in parts) if real else None)
 
 
 # --- second pass: each block's partial scores -------------------------------------------------------------
@@ -515,25 +557,56 @@ class ScoreContext:
     shape: tuple[int, int]       # the region's rows, cols
     win_size: int
     data_range: float
-    whittaker_lambda: float
+    whittaker_lambda: float      # the lambda used (transplanted clouds)
     region: RegionStats
     eval_dates: list[int]        # dates with hidden cells
     pick: list[int]              # the quicklook's dates
     rgb: list[int]
     stride: int
+    real_whittaker_lambda: float = baselines.DEFAULT_WHITTAKER_LAMBDA   # the lambda used (real clouds)
+    whittaker_setting: float | str = AUTO                               # config benchmark.whittaker_lambda
+
+
+def check_whittaker_lambda(value) -> float | str:
+    """Config benchmark.whittaker_lambda checked: ``"auto"`` or a number > 0 (as float)."""
+    if value == AUTO:
+        return AUTO
+    try:
+        lam = float(value)
+    except (TypeError, ValueError):
+        lam = math.nan
+    if isinstance(value, bool) or not lam > 0 or not math.isfinite(lam):
+        raise ValueError(f"config key benchmark.whittaker_lambda must be 'auto' or a number > 0, got {value!r}")
+    return lam
+
+
+def _whittaker_lambda(setting, tuning: dict | None, protocol: str) -> float:
+    """The lambda a protocol's Whittaker baseline uses: the fixed one, or the one its tuning chose."""
+    if setting != AUTO:
+        return setting
+    if tuning is None:
+        raise ValueError(f"benchmark.whittaker_lambda is 'auto' but the first pass has no Whittaker tuning for the "
+                         f"{protocol} protocol (first-pass files of an older stfuse?); rerun the benchmark's first "
+                         "pass (rule score_stats_block: delete its stats.npz files)")
+    return float(tuning["lambda"])
 
 
 def score_context(channels: list[dict], dates: list[dict], shape, region: RegionStats, *, data_range: float,
-                  whittaker_lambda: float, quicklook_dates: int) -> ScoreContext:
+                  whittaker_lambda, quicklook_dates: int) -> ScoreContext:
+    """What every block's second pass shares. ``whittaker_lambda``: a number, or ``"auto"``: each protocol's
+    lambda as the first pass's tuning chose it (:attr:`RegionStats.whittaker`, ``real_whittaker``)."""
+    setting = check_whittaker_lambda(whittaker_lambda)
+    lam = _whittaker_lambda(setting, region.whittaker, TRANSPLANTED)
+    # the real-cloud protocol's own tuning, where it is scored (the first pass tunes on its series then)
+    real_lam = _whittaker_lambda(setting, region.real_whittaker, REAL) if region.real_whittaker is not None else lam
     bands = [channels[i]["name"] for i in _indices(channels, "optical")]
-    times = pd.to_datetime([d["start_time"] for d in dates]).tz_convert("UTC").tz_localize(None).to_numpy()
     h, w = (int(v) for v in shape)
     eval_dates = [int(d) for d in np.flatnonzero(region.n_hidden)]
     pick = sorted(sorted(eval_dates, key=lambda d: -region.n_hidden[d])[:quicklook_dates])
-    return ScoreContext(channels, bands, _indices(channels, "sar"), times, (h, w), metrics.ssim_win_size((h, w)),
-                        data_range, whittaker_lambda, region, eval_dates, pick,
+    return ScoreContext(channels, bands, _indices(channels, "sar"), dates_to_times(dates), (h, w),
+                        metrics.ssim_win_size((h, w)), data_range, lam, region, eval_dates, pick,
                         [bands.index(b) for b in ("B04", "B03", "B02") if b in bands] or [0, 0, 0],
-                        max(1, -(-max(h, w) // QUICKLOOK_MAX_CELLS)))
+                        max(1, -(-max(h, w) // QUICKLOOK_MAX_CELLS)), real_lam, setting)
 
 
 def score_block(cb: np.ndarray, hb: np.ndarray, model: np.ndarray | None, block: blocks.Block, ctx: ScoreContext,
@@ -562,7 +635,8 @@ def score_block(cb: np.ndarray, hb: np.ndarray, model: np.ndarray | None, block:
         # real clouds on the synthetic scene: every cloudy cell has a known truth
         tb = truth.astype(np.float32, copy=False)
         real_hidden = ~clear & np.isfinite(tb).all(axis=1)
-        real_methods = run_methods(obs, ctx.times, sar, main, ctx.whittaker_lambda, sar_coef=ctx.region.real_coef)
+        real_methods = run_methods(obs, ctx.times, sar, main, ctx.real_whittaker_lambda,
+                                   sar_coef=ctx.region.real_coef)
         gap_days = metrics.days_to_nearest_valid(clear, ctx.times)
         for name, filled in real_methods.items():
             parts[(REAL, name)] = metrics.partial_scores(
@@ -634,6 +708,39 @@ class PartsMerger:
                           for (protocol, name), s in self.sums.items()], ignore_index=True)
 
 
+def _lambda_text(lam: float) -> str:
+    return f"{lam:.0f}" if lam >= 1 else f"{lam:.3g}"
+
+
+def _g6(value: float) -> float | None:
+    # 6 significant digits, as scores.csv: the same text whatever the blocks' float summation order
+    return float(f"{value:.6g}") if math.isfinite(value) else None
+
+
+def whittaker_report(ctx: ScoreContext, real: bool) -> tuple[str, dict]:
+    """The intro sentence on Whittaker's lambda and benchmark.json's entries: the lambda each protocol used,
+    the setting, and the leave-out criterion (RMSE on the held-out observed values) of every candidate."""
+    how = ("chosen by leave-out on the observed values" if ctx.whittaker_setting == AUTO
+           else "fixed by config benchmark.whittaker_lambda")
+    info = dict(whittaker_lambda=ctx.whittaker_lambda, whittaker_lambda_setting=ctx.whittaker_setting)
+    sentences = []
+    protocols = [(TRANSPLANTED, ctx.region.whittaker, ctx.whittaker_lambda, "")]
+    if real:
+        protocols.append((REAL, ctx.region.real_whittaker, ctx.real_whittaker_lambda, "real_"))
+    for protocol, tuning, lam, prefix in protocols:
+        if prefix:
+            info["real_whittaker_lambda"] = lam
+        text = f"{protocol}: {_lambda_text(lam)}"
+        if tuning is not None:
+            info[f"{prefix}whittaker_tuning"] = dict(
+                lambdas=tuning["lambdas"], rmse=[_g6(v) for v in tuning["rmse"]], held_out=tuning["held_out"],
+                chosen=tuning["lambda"])
+            text += " (leave-out RMSE " + ", ".join(
+                f"{_lambda_text(c)}: {v:.4f}" for c, v in zip(tuning["lambdas"], tuning["rmse"])) + ")"
+        sentences.append(text)
+    return f" Whittaker's lambda, {how}: " + "; ".join(sentences) + ".", info
+
+
 def write_outputs(out_dir, table: pd.DataFrame, quick: Quicklook, ctx: ScoreContext, dates: list[dict]) -> None:
     """scores.csv, summary.md (and .html), by_gap.png, quicklook.png and benchmark.json of a scored benchmark."""
     out_dir = Path(out_dir)
@@ -641,14 +748,15 @@ def write_outputs(out_dir, table: pd.DataFrame, quick: Quicklook, ctx: ScoreCont
     quick.plot(dates, out_dir / "quicklook.png")
     table.to_csv(out_dir / "scores.csv", index=False, float_format="%.6g")
     days = ", ".join(dates[t]["start_time"][:10] for t in eval_dates)
+    lam_text, lam_info = whittaker_report(ctx, REAL in set(table.protocol))
     intro = (f"Scored on {len(eval_dates)} evaluation date(s) ({days})"
-             f": {n_hidden} clear cells hidden under cloud masks transplanted from other dates.")
+             f": {n_hidden} clear cells hidden under cloud masks transplanted from other dates." + lam_text)
     md = intro + "\n\n" + to_markdown(summary_table(table))
     (out_dir / "summary.md").write_text(md)
     (out_dir / "summary.html").write_text(to_html(summary_table(table), intro))
     plot_by_gap(table[table.protocol == TRANSPLANTED], out_dir / "by_gap.png", TRANSPLANTED)
     info = dict(possible=True, eval_dates=[dates[t]["start_time"] for t in eval_dates], hidden_cells=n_hidden,
-                data_range=ctx.data_range, whittaker_lambda=ctx.whittaker_lambda)
+                data_range=ctx.data_range, **lam_info)
     (out_dir / "benchmark.json").write_text(json.dumps(info, indent=1) + "\n")
     log.info("benchmark on %d dates, %d hidden cells:\n%s", len(eval_dates), n_hidden, md)
 
@@ -665,7 +773,7 @@ def _as_npy(truth_cube):
 
 
 def benchmark_step(cube_dir, hidden_path, heldout_infer_dir, out_dir, *, data_range: float = 1.0,
-                   whittaker_lambda: float = baselines.DEFAULT_WHITTAKER_LAMBDA, quicklook_dates: int = 3,
+                   whittaker_lambda: float | str = AUTO, quicklook_dates: int = 3,
                    truth_cube: np.ndarray | None = None, main_infer_dir=None,
                    block_size: int | None = DEFAULT_BLOCK_SIZE) -> pd.DataFrame:
     """Score every method on a whole-region cube; write scores.csv, summary.md, plots. Returns the long table.
@@ -680,7 +788,13 @@ def benchmark_step(cube_dir, hidden_path, heldout_infer_dir, out_dir, *, data_ra
     (:func:`stfuse.metrics.merge_scores`). The table equals the whole region's up to float summation order
     (relative ~1e-15); with one block it is bit for bit the whole region's. ``truth_cube`` (T, B, H, W),
     the synthetic scene's truth, may be a memmap: it is read per block too.
+
+    ``whittaker_lambda``: a number > 0, or ``"auto"``: the first pass also sums, per candidate of
+    :data:`stfuse.baselines.WHITTAKER_LAMBDA_GRID`, the leave-out errors on the observed values of the series
+    given to the methods (:func:`stfuse.baselines.whittaker_tuning`; never a hidden cell), and every block
+    uses the lambda chosen on the region's sums (each protocol its own): the same lambda whatever the blocks.
     """
+    check_whittaker_lambda(whittaker_lambda)                 # a bad value fails before anything is written
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = json.loads((Path(cube_dir) / "cube.json").read_text())
@@ -695,8 +809,10 @@ def benchmark_step(cube_dir, hidden_path, heldout_infer_dir, out_dir, *, data_ra
     plan, halo = score_plan(h, w, block_size)
     log.info("scoring %d x %d cells in %d block(s) of %s cells (halo %d)", h, w, len(plan),
              block_size if len(plan) > 1 else "the whole region", halo)
+    times = dates_to_times(dates)
     region = merge_stats([block_stats(_window(cube, b, core=True), _window(hidden, b, core=True), channels,
-                                      _window(truth_cube, b, core=True) if real else None) for b in plan],
+                                      _window(truth_cube, b, core=True) if real else None, times=times,
+                                      origin=(b.row0, b.col0)) for b in plan],
                          single=len(plan) == 1)
     ctx = score_context(channels, dates, (h, w), region, data_range=data_range, whittaker_lambda=whittaker_lambda,
                         quicklook_dates=quicklook_dates)

@@ -7,7 +7,8 @@ No job holds more than one block's read window of the series:
     holdout.json. Each block's hidden cells are ``stfuse.cube.transplanted(cube, channels, donors)``.
 ``score_stats_block_step`` (one job per block)
     the first pass over the block's core (:func:`stfuse.benchmark.block_stats`): counts, SSIM fill parts,
-    ``sar_regression`` sufficient statistics; a small ``.npz``.
+    ``sar_regression`` sufficient statistics, Whittaker's leave-out error sums per candidate lambda (the
+    lambda of ``benchmark.whittaker_lambda: auto`` is chosen on their merge); a small ``.npz``.
 ``score_block_step`` (one job per block)
     merges every block's first pass (in block order: the same floats in every job), runs the methods on
     the block's :func:`stfuse.benchmark.score_window` and writes its partial score tables (``parts.npz``)
@@ -81,6 +82,11 @@ def save_stats(path, stats: benchmark.BlockStats, block: blocks.Block) -> None:
         value = getattr(stats, key)
         if value is not None:
             arrays.update({f"{key}.{f}": np.asarray(v) for f, v in zip(_SAR_FIELDS, value)})
+    for key in ("whittaker", "real_whittaker"):
+        value = getattr(stats, key)
+        if value is not None:
+            arrays.update({f"{key}.sse": np.asarray(value[0], np.float64), f"{key}.n": np.asarray(value[1], np.int64),
+                           f"{key}.lambdas": np.asarray(baselines.WHITTAKER_LAMBDA_GRID)})
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(str(path) + ".partial")
     with open(tmp, "wb") as f:
@@ -93,9 +99,18 @@ def load_stats(path) -> tuple[benchmark.BlockStats, blocks.Block]:
         def sar(key):
             return baselines.SarStats(*(z[f"{key}.{f}"] for f in _SAR_FIELDS)) if f"{key}.n" in z else None
 
+        def tuning(key):
+            if f"{key}.sse" not in z:
+                return None
+            if not np.array_equal(z[f"{key}.lambdas"], baselines.WHITTAKER_LAMBDA_GRID):
+                raise ValueError(f"{path}: its Whittaker tuning has other candidate lambdas than this stfuse's; "
+                                 "rerun the benchmark's first pass (rule score_stats_block)")
+            return z[f"{key}.sse"], z[f"{key}.n"]
+
         stats = benchmark.BlockStats(int(z["n_seen"]), z["n_clear"], z["n_clear_in"], z["n_hidden"], z["fill"],
                                      sar=sar("sar"), real_fill=z["real_fill"] if "real_fill" in z else None,
-                                     real_sar=sar("real_sar"))
+                                     real_sar=sar("real_sar"), whittaker=tuning("whittaker"),
+                                     real_whittaker=tuning("real_whittaker"))
         block = blocks.from_dict(json.loads(str(z["block"])))
     return stats, block
 
@@ -167,7 +182,9 @@ def score_stats_block_step(cube_dir, holdout_json, out_path, *, truth_manifest=N
                            optical: dict | None = None) -> benchmark.BlockStats:
     """The first pass over one block's core (:func:`stfuse.benchmark.block_stats`), written to ``out_path``
     (.npz, :func:`save_stats`). ``truth_manifest`` (demo scene): also the synthetic truth's parts, read over
-    the core only; ``optical`` the optical sensor's config section (bands, scale, offset)."""
+    the core only; ``optical`` the optical sensor's config section (bands, scale, offset). Always includes
+    Whittaker's leave-out criterion per candidate lambda (whatever config benchmark.whittaker_lambda says, so
+    this pass does not depend on it; the second pass uses it when the setting is ``auto``)."""
     holdout = _possible_holdout(holdout_json)
     arr, meta, block = cube.load_block(cube_dir)
     core = np.array(blocks.crop_core(arr, block))    # this pass's own copy: hidden in place
@@ -175,14 +192,15 @@ def score_stats_block_step(cube_dir, holdout_json, out_path, *, truth_manifest=N
     hidden = cube.transplanted(core, meta["channels"], holdout["donors"])
     truth = (_truth(truth_manifest, optical, meta, (block.row0, block.col0, block.rows, block.cols))
              if truth_manifest is not None else None)
-    stats = benchmark.block_stats(core, hidden, meta["channels"], truth)
+    stats = benchmark.block_stats(core, hidden, meta["channels"], truth, times=benchmark.dates_to_times(meta["dates"]),
+                                  origin=(block.row0, block.col0))
     save_stats(out_path, stats, block)
     log.info("block %s: first pass, %d hidden cells", block.id, int(stats.n_hidden.sum()))
     return stats
 
 
 def score_block_step(cube_dir, holdout_json, stats_paths, heldout_filled, main_filled, out_dir, *,
-                     data_range: float, whittaker_lambda: float, quicklook_dates: int, truth_manifest=None,
+                     data_range: float, whittaker_lambda, quicklook_dates: int, truth_manifest=None,
                      optical: dict | None = None) -> dict:
     """One block's partial score tables (``parts.npz``) and quicklook piece (``quicklook.npz``) in ``out_dir``.
 
@@ -244,7 +262,7 @@ def _read_block_scores(block_dir) -> tuple[dict, dict | None]:
 
 
 def score_step(block_score_dirs, stats_paths, holdout_json, cube_json, out_dir, *, data_range: float,
-               whittaker_lambda: float, quicklook_dates: int) -> pd.DataFrame | None:
+               whittaker_lambda, quicklook_dates: int) -> pd.DataFrame | None:
     """Merge the blocks' :func:`score_block_step` outputs into scores.csv, summary.md, by_gap.png,
     quicklook.png and benchmark.json in ``out_dir`` (:func:`stfuse.benchmark.write_outputs`). When holdout.json
     says the benchmark is not possible, writes the outputs that say why (:func:`stfuse.benchmark.not_possible_step`;
