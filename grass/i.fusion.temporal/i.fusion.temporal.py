@@ -237,6 +237,10 @@ def main(options, flags):
                                    **_arguments(options, flags, workdir))
     except (fusion.FusionError, grass.GrassError, temporal.DatasetError, ModuleNotFoundError) as exc:
         gs.fatal(str(exc))
+    finally:  # GRASS 8.2 may hang at exit on a TGIS server restarted after multiprocessing's own shutdown
+        tgis = sys.modules.get("grass.temporal")
+        if tgis is not None:
+            tgis.stop_subprocesses()
     if flags["p"]:
         print(f"optical={result['optical']} bands={','.join(result['bands'])}")
         print(f"sar={result['sar']} sar_bands={','.join(result['sar_bands'])}")
