@@ -35,7 +35,7 @@ install_addon() { scripts/install_grass_addon.sh --python "$PWD/$VENV/bin/python
 
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   install_addon
-  say "up to date (GRASS $grass_version, $VENV, i.fusion.temporal)"
+  say "up to date (GRASS $grass_version, $VENV, GRASS modules on the addon path)"
   exit 0
 fi
 
