@@ -647,26 +647,6 @@ def slurm_probe(root: Path, stub: bool) -> float | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--grid", choices=sorted(GRIDS), default="small")
-    ap.add_argument("--cells", help="explicit cells instead of --grid, e.g. 50x256,100x256 (dates x side); all of "
-                                    "them get the model stages with --stages all")
-    ap.add_argument("--stages", choices=["data", "all"], default="all")
-    ap.add_argument("--json")
-    ap.add_argument("--cell-budget", type=float, default=300.0,
-                    help="skip a cell's data or model part whose estimated time exceeds this (s)")
-    ap.add_argument("--total-budget", type=float, default=None,
-                    help="skip a part that would end the whole run after this many seconds (default: 900 for the "
-                         "small grid, none otherwise)")
-    ap.add_argument("--mem-limit-gb", type=float, default=None,
-                    help="skip a part whose estimated peak exceeds this (default 80%% of available RAM)")
-    ap.add_argument("--dag-repeat", type=int, default=3)
-    ap.add_argument("--sample-s", type=float, default=0.2)
-    ap.add_argument("--workdir", help="parent of the per-cell work folders (default: a temporary folder)")
-    ap.add_argument("--keep", action="store_true", help="keep the work folders")
-    ap.add_argument("--no-slurm-probe", action="store_true",
-                    help="put a failing `scontrol` first on the PATH of the Snakemake calls: the slurm executor "
-                         "plugin runs `scontrol show config` when Snakemake starts, which waits up to 10 s where the "
-                         "slurm client is installed but no controller answers (the real probe is timed and reported)")
     ap.add_argument("--from-json", help="print the tables of a saved --json result and exit (runs nothing)")
     args = ap.parse_args()
     if args.from_json:
@@ -675,103 +655,6 @@ def main() -> None:
     raise SystemExit("bench_scaling.py measured the whole-region path, which the block path replaced on 2026-12-01: "
                      "its stages' benchmark files no longer exist. Measure with benchmarks/bench_blocks.py; "
                      "--from-json FILE prints the tables of a saved run.")
-    mem_limit_mb = 1024 * (args.mem_limit_gb or 0.8 * psutil.virtual_memory().available / 2**30)
-
-    grid = GRIDS[args.grid]
-    if args.cells:
-        chosen = [tuple(int(v) for v in c.lower().split("x")) for c in args.cells.split(",")]
-        grid = dict(data=chosen, model=chosen)
-        args.grid = "custom"
-    cells = sorted(set(grid["data"]), key=lambda c: (c[0] * c[1] ** 2, c[0]))
-    root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="stfuse_scaling_"))
-    root.mkdir(parents=True, exist_ok=True)
-    t_all = time.perf_counter()
-    probe_s = slurm_probe(root, args.no_slurm_probe)
-    ver = [time_version() for _ in range(args.dag_repeat)]
-
-    total_budget = args.total_budget if args.total_budget is not None else grid.get("total_budget")
-
-    def too_big(est):
-        sec, mb = est
-        if sec is not None and sec > args.cell_budget:
-            return f"estimated {sec:.0f} s > cell budget {args.cell_budget:.0f} s" + (
-                f" (peak ~{mb / 1024:.1f} GB)" if mb else "")
-        if mb is not None and mb > mem_limit_mb:
-            return f"estimated peak {mb / 1024:.1f} GB > limit {mem_limit_mb / 1024:.1f} GB (time ~{fmt(sec)} s)"
-        spent = time.perf_counter() - t_all
-        if total_budget and sec is not None and spent + sec > total_budget:
-            return (f"estimated {sec:.0f} s would end the run after {(spent + sec) / 60:.1f} min > total budget "
-                    f"{total_budget / 60:.0f} min")
-        return None
-
-    # phase 1: the data stages of every cell, smallest first; phase 2: the model stages, smallest first
-    # (so that a total budget cuts the most expensive model runs, not the data grid)
-    out = {tuple(c): dict(cell=list(c), label=label(c)) for c in cells}
-    pending = {}
-    done: list[dict] = []
-    for cell in cells:
-        entry = out[cell]
-        want_model = args.stages == "all" and cell in grid["model"]
-        est = estimate_part(DATA_STAGES, cell, done) if done else (None, None)
-        entry["estimate"] = dict(data_s=est[0], data_peak_mb=est[1])
-        why = too_big(est)
-        if why:
-            entry["skipped"] = {"data": why, **({"model": "its data stages are skipped"} if want_model else {})}
-            entry["skipped_est"] = {s: estimate(s, cell, done, "s") for s in DATA_STAGES}
-            print(f"[{label(cell)}] data stages skipped: {why}", file=sys.stderr, flush=True)
-            continue
-        print(f"[{label(cell)}] data stages (estimate {fmt(est[0])} s) ...", file=sys.stderr, flush=True)
-        t0 = time.perf_counter()
-        work, cfg, res = start_cell(root, cell, args)
-        res["estimate"] = entry["estimate"]
-        try:
-            run_part(work, cfg, res, "data", args)
-        except RuntimeError as err:  # record it and go on with the other cells
-            entry["skipped"] = {"data": f"failed: {str(err)[-300:]}"}
-            print(f"[{label(cell)}] data stages failed: {err}", file=sys.stderr, flush=True)
-            if not args.keep:
-                shutil.rmtree(work, ignore_errors=True)
-            continue
-        print(f"[{label(cell)}] data stages done in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-        out[cell] = res
-        done.append(res)
-        if want_model:
-            pending[cell] = (work, cfg)
-        else:
-            finish_cell(work, cfg, res, args)
-    for cell, (work, cfg) in pending.items():
-        res = out[cell]
-        est = estimate_part(MODEL_STAGES, cell, done) if any(
-            "train_main" in r["stages"] for r in done) else (None, None)
-        res["estimate"].update(model_s=est[0], model_peak_mb=est[1])
-        why = too_big(est)
-        if why:
-            res["skipped"] = {"model": why}
-            res["skipped_est"] = {s: estimate(s, cell, done, "s") for s in MODEL_STAGES}
-            print(f"[{label(cell)}] model stages skipped: {why}", file=sys.stderr, flush=True)
-        else:
-            print(f"[{label(cell)}] model stages (estimate {fmt(est[0])} s) ...", file=sys.stderr, flush=True)
-            t0 = time.perf_counter()
-            try:
-                run_part(work, cfg, res, "model", args)
-            except RuntimeError as err:
-                res["skipped"] = {"model": f"failed: {str(err)[-300:]}"}
-                print(f"[{label(cell)}] model stages failed: {err}", file=sys.stderr, flush=True)
-            print(f"[{label(cell)}] model stages done in {time.perf_counter() - t0:.0f} s", file=sys.stderr,
-                  flush=True)
-        finish_cell(work, cfg, res, args)
-    out = list(out.values())
-
-    growth = compute_growth(done)
-    result = dict(date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), machine=machine(),
-                  command=" ".join([Path(sys.executable).name, *sys.argv]), args=vars(args),
-                  snakemake_version_s=statistics.median(ver), total_s=time.perf_counter() - t_all,
-                  cells=out, growth=growth, mem_limit_mb=mem_limit_mb, scontrol_probe_s=probe_s)
-    print(report(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1, default=float) + "\n")
-    if not args.workdir and not args.keep:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

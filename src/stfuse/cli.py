@@ -81,7 +81,7 @@ def check_config(path: Path, root: Path) -> dict:
         validate(config, schema=str(root / SCHEMA))
         stconfig.check(config)
     except WorkflowError as err:
-        raise CliError(f"config {path}: {str(err).splitlines()[0]}\n{err}") from None
+        raise CliError(f"config {path}: {err}") from None
     except ValueError as err:
         raise CliError(f"config {path}: {err}") from None
     finally:
