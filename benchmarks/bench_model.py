@@ -19,9 +19,13 @@ One warm-up run per setting is not counted; medians are reported as a Markdown t
 Usage::
 
     python benchmarks/bench_model.py [--device auto|cpu|cuda] [--threads 1 2] [--runs 5]
-                                     [--dates 20] [--size 256] [--json results.json]
+                                     [--dates 20] [--size 256] [--models unet tattn]
+                                     [--tattn-neighbours 4] [--json results.json]
 
-``--device auto`` (default) measures the CPU and, when available, CUDA.
+``--device auto`` (default) measures the CPU and, when available, CUDA. ``--models`` measures each
+model in the same run, interleaved run by run (so a busy machine slows them alike): the U-Net with
+K = 2 neighbours (the default config), the attention model with ``--tattn-neighbours`` (the studies'
+``train.neighbours``).
 """
 
 from __future__ import annotations
@@ -150,38 +154,54 @@ class GpuSampler:
                 "n": len(self.samples), "source": self.source}
 
 
-def measure(tiles_dir, work, cube, channels, dates, device, threads, runs):
-    """Warm-up + ``runs`` timed runs of one training epoch and one full-cube prediction."""
-    out = os.path.join(work, f"run_{device}_{threads}")
-    kw = dict(epochs=1, batch_size=BATCH, device=device, resume=False, threads=threads)
-    train(tiles_dir, out, **kw)  # warm-up
-    ckpt = load_checkpoint(os.path.join(out, "model.pt"))
-    predict_cube(ckpt, cube[:2], channels, dates[:2], device=device, threads=threads)
+#: the model settings compared: (train.model, train.model_params); K comes from the command line
+MODELS = {"unet": {"base_channels": 16, "depth": 2}, "tattn": {"width": 32, "heads": 4, "layers": 2}}
+
+
+def measure(tiles_dir, work, cube, channels, dates, device, threads, runs, models):
+    """Warm-up + ``runs`` timed runs of one training epoch and one full-cube prediction, per model
+    (``models``: name -> K neighbours), the models interleaved run by run."""
+    setups = {}
+    for name, k in models.items():
+        out = os.path.join(work, f"run_{device}_{threads}_{name}")
+        kw = dict(model=name, model_params=MODELS[name], k_neighbours=k, epochs=1, batch_size=BATCH,
+                  device=device, resume=False, threads=threads)
+        train(tiles_dir, out, **kw)  # warm-up
+        ckpt = load_checkpoint(os.path.join(out, "model.pt"))
+        predict_cube(ckpt, cube[:2], channels, dates[:2], device=device, threads=threads)
+        setups[name] = (out, kw, ckpt, [], [])
     pixels = cube.shape[0] * cube.shape[2] * cube.shape[3]
-    train_rates, infer_rates = [], []
     sampler = GpuSampler(torch.device(device)) if device.startswith("cuda") else None
     if sampler:
         sampler.__enter__()
     try:
         for _ in range(runs):
-            train_rates.append(train(tiles_dir, out, **kw)["samples_per_s"])
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            predict_cube(ckpt, cube, channels, dates, device=device, threads=threads)
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            infer_rates.append(pixels / (time.perf_counter() - t0) / 1e6)
+            for out, kw, ckpt, train_rates, infer_rates in setups.values():
+                train_rates.append(train(tiles_dir, out, **kw)["samples_per_s"])
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                predict_cube(ckpt, cube, channels, dates, device=device, threads=threads)
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                infer_rates.append(pixels / (time.perf_counter() - t0) / 1e6)
     finally:
         if sampler:
             sampler.__exit__()
-    return {
-        "device": device, "threads": threads if threads is not None else torch.get_num_threads(),
+    return [{
+        "model": name, "k_neighbours": models[name], "device": device,
+        "threads": threads if threads is not None else torch.get_num_threads(),
         "train_samples_per_s": statistics.median(train_rates),
         "infer_mpx_per_s": statistics.median(infer_rates),
         "train_runs": train_rates, "infer_runs": infer_rates,
-        "gpu_utilisation": sampler.summary() if sampler else None,
-    }
+        "parameters": _parameters(ckpt), "input_channels": ckpt["in_channels"],
+        "gpu_utilisation": sampler.summary() if sampler else None,  # shared by the models
+    } for name, (out, kw, ckpt, train_rates, infer_rates) in setups.items()]
+
+
+def _parameters(ckpt) -> int:
+    return sum(v.numel() for k, v in ckpt["state_dict"].items()
+               if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
 
 
 def main(argv=None):
@@ -192,8 +212,11 @@ def main(argv=None):
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--dates", type=int, default=20)
     ap.add_argument("--size", type=int, default=256, help="region height = width (px)")
+    ap.add_argument("--models", nargs="+", default=["unet", "tattn"], choices=sorted(MODELS))
+    ap.add_argument("--tattn-neighbours", type=int, default=4, help="K of the attention model")
     ap.add_argument("--json", help="also write the results to this JSON file")
     args = ap.parse_args(argv)
+    models = {name: (args.tattn_neighbours if name == "tattn" else 2) for name in args.models}
     logging.basicConfig(level=logging.WARNING)
 
     devices = []
@@ -215,19 +238,14 @@ def main(argv=None):
                               min_valid_fraction=0.05, block_size=128, val_fraction=0.25, seed=0)
         for device in devices:
             for threads in (cpu_threads if device == "cpu" else [None]):
-                rows.append(measure(tiles_dir, work, cube, channels, dates, device, threads,
-                                    args.runs))
-        first = f"run_{devices[0]}_{cpu_threads[0] if devices[0] == 'cpu' else None}"
-        ckpt = load_checkpoint(os.path.join(work, first, "model.pt"))
-    n_params = sum(v.numel() for k, v in ckpt["state_dict"].items()
-                   if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+                rows += measure(tiles_dir, work, cube, channels, dates, device, threads,
+                                args.runs, models)
     info = {
         "cube": {"dates": args.dates, "channels": len(channels), "height": args.size,
                  "width": args.size},
         "tiles": {"size": TILE, "overlap": OVERLAP, "train": export["n_train"],
                   "val": export["n_val"]},
-        "model": {"name": ckpt["model"], "params": ckpt["model_params"],
-                  "parameters": n_params, "input_channels": ckpt["in_channels"]},
+        "models": {name: {"params": MODELS[name], "k_neighbours": k} for name, k in models.items()},
         "batch_size": BATCH, "runs": args.runs,
         "machine": {"cpu_count": cores, "platform": platform.platform(),
                     "torch": str(torch.__version__),
@@ -235,16 +253,16 @@ def main(argv=None):
         "seconds": time.perf_counter() - t_start,
     }
 
-    print(f"model {info['model']['name']} ({n_params} parameters, {ckpt['in_channels']} input "
-          f"channels); cube {args.dates} dates x {len(channels)} channels x {args.size} x "
-          f"{args.size}; tiles {TILE} px (overlap {OVERLAP}), batch {BATCH}; "
-          f"medians of {args.runs} runs\n")
-    print("| device | threads | train samples/s | infer Mpx/s (px x dates) | GPU util % mean/max |")
-    print("|---|---:|---:|---:|---|")
+    print(f"cube {args.dates} dates x {len(channels)} channels x {args.size} x {args.size}; tiles "
+          f"{TILE} px (overlap {OVERLAP}), batch {BATCH}; medians of {args.runs} runs\n")
+    print("| model | K | parameters | inputs | device | threads | train samples/s | "
+          "infer Mpx/s (px x dates) | GPU util % mean/max |")
+    print("|---|---:|---:|---:|---|---:|---:|---:|---|")
     for r in rows:
         gpu = r["gpu_utilisation"]
         util = f"{gpu['mean']:.0f} / {gpu['max']:.0f}" if gpu else "n/a"
-        print(f"| {r['device']} | {r['threads'] if r['device'] == 'cpu' else '-'} | "
+        print(f"| {r['model']} | {r['k_neighbours']} | {r['parameters']} | {r['input_channels']} | "
+              f"{r['device']} | {r['threads'] if r['device'] == 'cpu' else '-'} | "
               f"{r['train_samples_per_s']:.1f} | {r['infer_mpx_per_s']:.2f} | {util} |")
     print(f"\ntotal {info['seconds']:.0f} s on {cores} CPU cores")
     if args.json:

@@ -152,7 +152,7 @@ def test_synthetic_scene_with_one_date():
                   "bounds": {"west": 0, "east": 200, "south": 0, "north": 400}}),
      r"tiles.size \(32\) is larger than the explicit region \(config key region\) \(20 x 40 cells\)"),
     (dict(region={"from": "explicit", "resolution": 10}), r"config key region.bounds is required"),
-    (dict(train={"model": "unet3"}), r"config key train.model: unknown model 'unet3'; registered models: unet"),
+    (dict(train={"model": "unet3"}), r"config key train.model: unknown model 'unet3'; registered models: tattn, unet"),
     (dict(train={"model_params": {"depht": 3}}), r"config key train.model_params: model 'unet' has no parameter"),
     (dict(train={"model_params": {"depth": 1.5}}), r"config key train.model_params.depth: must be an integer"),
     (dict(train={"model_params": {"norm": "layer"}}), r"config key train.model_params.norm: must be one of"),
@@ -179,10 +179,18 @@ def test_registry_read_from_source_matches_the_real_registry():
     assert sorted(found) == models.available()
     for name, info in found.items():
         params = list(inspect.signature(models._REGISTRY[name]).parameters.values())[2:]
-        assert {p.name: p.default for p in params} == info["params"]
+        required = inspect.Parameter.empty  # the source reading marks it _MISSING
+        assert {p.name: cfgcheck._MISSING if p.default is required else p.default for p in params} == info["params"]
     assert cfgcheck._unet_norms() == NORMS
     for depth in range(4):
         assert cfgcheck.model_size_multiple("unet", {"depth": depth}) == UNet(1, 1, depth=depth).size_multiple
+    from stfuse.models.tattn import TemporalAttentionNet
+
+    assert cfgcheck.model_size_multiple("tattn", {}) == TemporalAttentionNet.size_multiple
+    with pytest.raises(ValueError, match="multiple of heads"):
+        cfgcheck.model_size_multiple("tattn", {"width": 10, "heads": 4})
+    with pytest.raises(ValueError, match="comes from the data"):
+        cfgcheck.model_size_multiple("tattn", {"tokens": {}})
 
 
 def test_defaults_mirror_the_schema():

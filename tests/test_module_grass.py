@@ -280,3 +280,80 @@ def test_dry_run_lists_unpaired_dates(site, first):
     plan = site["g"].fill("-p", "mask_band=SCL", "output=S2_dry", "max_gap=0.01").stdout
     n = len(site["states"]["S2"]["granules"])
     assert plan.count("unpaired: S2_") == n and "within 0.01 days" in plan
+
+
+@pytest.fixture(scope="module")
+def in_blocks(first, site):
+    """`first` again (the same training in place, one epoch on 16-cell tiles), in 2 x 2 blocks of up to 24 cells
+    (halo 16) instead of one block: the uneven cores 24 and 8 cells wide."""
+    proc = site["g"].fill("mask_band=SCL", "output=S2_blocks", "epochs=1", "tile_size=16", "nprocs=1", "blocks=24")
+    return dict(proc=proc, **snapshot(site, "S2_blocks"))
+
+
+def test_blocks_give_the_one_block_maps_bit_for_bit(first, in_blocks, site):
+    check_series(site, in_blocks)
+    assert "block r0001c0001 (4 of 4)" in said(in_blocks["proc"])
+    assert list(in_blocks["rows"].start_time) == list(first["rows"].start_time)
+    assert list(in_blocks["rows"].semantic_label) == list(first["rows"].semantic_label)
+    for key in ("values", "flag_values"):
+        assert in_blocks[key].shape == first[key].shape
+        assert in_blocks[key].tobytes() == first[key].tobytes(), key
+
+
+def test_block_plan_printed_and_checked(site, first):
+    from stfuse.fusion import ESTIMATE_MARGIN, estimate_bytes
+
+    g = site["g"]
+    before = hash_tree(site["project"] / "user")
+    n = len(site["states"]["S2"]["granules"])
+    plan = g.fill("-p", "mask_band=SCL", "output=S2_dry", "tile_size=8", "blocks=16").stdout
+    assert "blocks: 4 of up to 16 x 16 cells (halo 8)" in plan
+    # memory= bounds one block: the largest read window, a 16-cell core with an 8-cell halo inside the region
+    want = max(estimate_bytes(n, len(BANDS) + 1 + 2, len(BANDS), 24, 24), int(4 * 32 * 32 * ESTIMATE_MARGIN))
+    assert f"memory: {want / 2**20:.1f} MB" in plan
+    assert "blocks: 1 of up to 32 x 32 cells (halo 32)" in g.fill("-p", "mask_band=SCL", "output=S2_dry").stdout
+    proc = g.fill("mask_band=SCL", "output=S2_small", "tile_size=8", "blocks=8", check=False)
+    assert proc.returncode != 0 and "blocks=8" in said(proc) and "use blocks=9 or more" in said(proc)
+    proc = g.fill("mask_band=SCL", "output=S2_big", "tile_size=8", "blocks=16", "memory=0.01", check=False)
+    assert proc.returncode != 0 and "the largest of its 4 blocks (blocks=16)" in said(proc)
+    assert hash_tree(site["project"] / "user") == before
+
+
+def test_dates_gives_exactly_the_requested_start_times(site, first):
+    """dates=5D: a map set every 5 days from the first to the last optical UTC day; the days without an optical
+    date are predicted everywhere (flag 1); a comma list gives those times; a bad value is named."""
+    g = site["g"]
+    granules = site["states"]["S2"]["granules"]
+    times = pd.to_datetime([gr["start_time"] for gr in granules], utc=True)
+    grid = pd.date_range(times.min().floor("D"), times.max().floor("D"), freq="5D")
+    days = set(times.floor("D"))
+    query = [t for t in grid if t not in days]
+    assert query and len(query) < len(grid)  # both kinds of date
+    g.fill("mask_band=SCL", "output=S2_any", f"model={site['root'] / 'model.pt'}", "dates=5D")
+    snap = snapshot(site, "S2_any")
+    rows, flags = snap["rows"], snap["flags"]
+    want = [t.strftime("%Y-%m-%d %H:%M:%S") for t in grid]
+    assert sorted(set(rows.start_time)) == want and sorted(flags.start_time) == want
+    assert len(rows) == len(grid) * len(BANDS) and sorted(set(rows.semantic_label)) == BANDS
+    values, flag = snap["values"], snap["flag_values"]
+    assert np.isfinite(values).all() and values.min() > -0.5 and values.max() < 1.5
+    is_query = np.array([pd.Timestamp(t, tz="UTC") in query for t in flags.start_time])
+    assert (flag[is_query] == 1).all() and set(np.unique(flag)) <= {0.0, 1.0}
+    # a requested day with an optical date is that date filled: the same maps as the observed-mode run
+    same_day = [t for t in grid if t in days]
+    opt_time = {t.floor("D"): t.strftime("%Y-%m-%d %H:%M:%S") for t in times}
+    for t in same_day[:2]:
+        here = rows[rows.start_time == t.strftime("%Y-%m-%d %H:%M:%S")].sort_values("semantic_label")
+        there = first["rows"].reset_index(drop=True)
+        there = there[there.start_time == opt_time[t]].sort_values("semantic_label")
+        np.testing.assert_allclose(values[here.index], first["values"][there.index], atol=1e-5)
+    # a comma list: one day with an optical date (at its time) and one without
+    pick = [times[0].strftime("%Y-%m-%dT%H:%M:%S"), query[0].strftime("%Y-%m-%d")]
+    g.fill("mask_band=SCL", "output=S2_two", f"model={site['root'] / 'model.pt'}", f"dates={','.join(pick)}")
+    two = g.listing("S2_two")
+    assert sorted(set(two.start_time)) == sorted([times[0].strftime("%Y-%m-%d %H:%M:%S"),
+                                                  query[0].strftime("%Y-%m-%d %H:%M:%S")])
+    before = hash_tree(site["project"] / "user")
+    proc = g.fill("mask_band=SCL", "output=S2_bad", "dates=2021-05-01,someday", check=False)
+    assert proc.returncode != 0 and "dates=2021-05-01,someday" in said(proc) and "'someday'" in said(proc)
+    assert hash_tree(site["project"] / "user") == before

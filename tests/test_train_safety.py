@@ -218,7 +218,7 @@ def _train_job(tiles, out, cores, threads):
         output=SimpleNamespace(model=str(out / "model.pt"), history=str(out / "history.csv"),
                                curve=str(out / "loss.png")),
         log=[str(out.parent / f"{out.name}.log")],
-        params=SimpleNamespace(train=params, k_neighbours=2),
+        params=SimpleNamespace(train=params, k_neighbours=2, adopt=None),
         threads=cores)
 
 

@@ -81,12 +81,52 @@ def test_rerun_does_nothing_and_a_tile_change_reruns_only_what_depends_on_it(dem
         assert upstream not in jobs, f"{upstream} would rerun after a tile-split change"
 
 
+def landing_page(report_html) -> str:
+    """The HTML of the page a Snakemake report opens on (its global description, kept as a JSON string)."""
+    match = re.search(r"^\s*var workflow_desc = (.*);\s*$", report_html.read_text(errors="replace"), re.M)
+    assert match, f"{report_html}: no workflow_desc (Snakemake's report template changed?)"
+    return json.loads(match.group(1))
+
+
+def table_rows(html: str) -> list[list[str]]:
+    """The body rows of every table in ``html``, as cell texts (tags stripped)."""
+    body = "".join(re.findall(r"<tbody[^>]*>(.*?)</tbody>", html, re.S))
+    return [[re.sub(r"<[^>]+>", "", c).strip() for c in re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)]
+            for row in re.findall(r"<tr[^>]*>(.*?)</tr>", body, re.S)]
+
+
 def test_report_html(demo_run):
     work, cfg = demo_run
     proc = run_snakemake(work, cfg, extra=["--report", str(work / "report.html")])
     assert proc.returncode == 0, proc.stderr[-2000:]
     html = (work / "report.html").read_text(errors="replace")
     assert "quicklook" in html and "Benchmark" in html
-    # the landing page describes the run (workflow/report/workflow.rst, rendered with the study's config)
-    assert "filled the cloud gaps of the optical series of study" in html
     assert "summary.html" in html  # the benchmark table as HTML (the report does not render Markdown)
+    # the landing page describes the run (workflow/report/workflow.rst, rendered with the study's config) and
+    # shows the run's overall score tables: summary.md's rows, number for number, per protocol in order
+    page = landing_page(work / "report.html")
+    assert "filled the cloud gaps of the optical series of study" in page
+    want, in_scores = [], False
+    for line in (work / "results/tiny/benchmark/summary.md").read_text().splitlines():
+        if line.startswith("| method |"):      # a score table's header (summary.md may hold other tables)
+            in_scores = True
+        elif not line.startswith("|"):
+            in_scores = False
+        elif in_scores and not line.startswith("| ---"):
+            want.append([c.strip().strip("*") for c in line.strip("|").split("|")])
+    assert len(want) == 12 and table_rows(page) == want    # 6 methods x 2 protocols (synthetic truth)
+    for protocol in ("transplanted clouds", "real clouds (synthetic truth)"):
+        assert f"{protocol} (best per column in bold)" in page
+    assert "appears here after" not in page
+
+
+def test_report_before_the_benchmark_says_where_the_table_comes_from(demo_run):
+    """A report of a run up to `register` (no benchmark in its DAG): the landing page renders without the
+    score table and says which target makes it."""
+    work, cfg = demo_run
+    proc = run_snakemake(work, cfg, "register", extra=["--report", str(work / "register.html")])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    page = landing_page(work / "register.html")
+    assert "filled the cloud gaps of the optical series of study" in page
+    assert "appears here after" in page and "snakemake benchmark" in page
+    assert table_rows(page) == [] and "best per column in bold" not in page

@@ -102,6 +102,15 @@
 # % description: Largest time between an optical date and its SAR partner (days, inclusive)
 # %end
 
+# %option
+# % key: dates
+# % type: string
+# % required: no
+# % answer: observed
+# % label: Start times of the output: observed (the optical dates), a step (5D, 10D, SMS = 1st and 15th, MS), or dates
+# % description: A step runs from the first to the last optical day (UTC); a comma list of dates or times is taken as UTC
+# %end
+
 # %option G_OPT_F_INPUT
 # % key: model
 # % required: no
@@ -137,9 +146,17 @@
 # % guisection: Model
 # %end
 
+# %option
+# % key: blocks
+# % type: integer
+# % required: no
+# % label: Edge of the spatial blocks the region is processed in, one at a time (cells; default: one block)
+# % description: Larger than tile_size (the halo); the output is the same for any value, bit for bit
+# %end
+
 # %option G_OPT_MEMORYMB
 # % answer: 4096
-# % label: Most memory the whole region may take (MB); the region is held in memory
+# % label: Most memory one block may take (MB; by default the whole region is one block)
 # %end
 
 # %option G_OPT_M_NPROCS
@@ -206,6 +223,7 @@ def _arguments(options, flags, workdir):
         epochs=int(options["epochs"]),
         tile_size=int(options["tile_size"]),
         memory_mb=float(options["memory"]),
+        block_size=int(options["blocks"]) if options["blocks"] else None,
         threads=int(options["nprocs"]),
         device="cpu" if flags["c"] else "auto",
         workdir=workdir,
@@ -213,6 +231,7 @@ def _arguments(options, flags, workdir):
         dry_run=flags["p"],
         command="i.fusion.temporal " + " ".join(sys.argv[1:]),
         progress=_progress,
+        dates=options["dates"] or "observed",
     )
 
 
@@ -245,12 +264,15 @@ def main(options, flags):
         print(f"optical={result['optical']} bands={','.join(result['bands'])}")
         print(f"sar={result['sar']} sar_bands={','.join(result['sar_bands'])}")
         print("region: {} dates x {} channels x {} rows x {} cols".format(*result["shape"]))
+        print(f"blocks: {result['blocks']} of up to {result['block_size']} x {result['block_size']} cells "
+              f"(halo {result['halo']})")
         print(f"memory: {result['estimated_mb']:.1f} MB")
         print(f"pairing: {result['pairing']}")
+        print(f"output dates: {len(result['output_times'])}")
         for row in result["unpaired"]:
             print(f"unpaired: {row['optical_id']}: {row['reason']}")
         return 0
-    gs.message(f"{result['strds']}: {len(result['dates'])} dates x {len(result['bands'])} bands, "
+    gs.message(f"{result['strds']}: {len(result['output_times'])} dates x {len(result['bands'])} bands, "
                f"{100 * sum(result['filled_fraction']) / len(result['dates']):.1f}% of cells filled "
                f"({result['model']})")
     return 0

@@ -8,6 +8,9 @@ cells never reach training as input or target. On the synthetic demo scene, the 
 under the real clouds against the scene's known cloud-free truth. Whittaker's lambda (config
 benchmark.whittaker_lambda: auto) is tuned per protocol by leave-out on the observed values of the series the
 methods get, in the first pass: never on a scored cell, and the same lambda whatever the block layout.
+When the model has an uncertainty head, its standard deviation is checked on the same hidden cells: the share
+of cells whose truth lies within +-k std of the prediction (:func:`stfuse.metrics.calibration_parts`, integer
+counts merged exactly over the blocks), in benchmark.json, summary.md and calibration.png.
 """
 
 from __future__ import annotations
@@ -610,12 +613,15 @@ def score_context(channels: list[dict], dates: list[dict], shape, region: Region
 
 
 def score_block(cb: np.ndarray, hb: np.ndarray, model: np.ndarray | None, block: blocks.Block, ctx: ScoreContext,
-                *, truth: np.ndarray | None = None, main: np.ndarray | None = None) -> tuple[dict, dict | None]:
+                *, truth: np.ndarray | None = None, main: np.ndarray | None = None,
+                model_std: np.ndarray | None = None) -> tuple[dict, dict | None]:
     """Partial score tables of one block, and its quicklook piece.
 
     ``cb`` (T, C, h, w) the cube over ``block``'s read window (:func:`score_window`), ``hb`` (T, h, w) its
     hidden cells, ``model`` (T, B, h, w) the heldout model's filled series on it; ``truth`` (T, B, h, w) the
-    synthetic truth and ``main`` the main model's filled series, for the real-cloud protocol. Returns
+    synthetic truth and ``main`` the main model's filled series, for the real-cloud protocol; ``model_std``
+    (T, B, h, w) the heldout model's predictive std: its calibration counts
+    (:func:`stfuse.metrics.calibration_parts`) join the model's table. Returns
     {(protocol, method): :func:`stfuse.metrics.partial_scores` over the core} and :func:`_quick_piece`."""
     core = _core_of(block)
     sar = cb[:, ctx.sar_idx] if ctx.sar_idx else None
@@ -628,6 +634,10 @@ def score_block(cb: np.ndarray, hb: np.ndarray, model: np.ndarray | None, block:
         parts[(TRANSPLANTED, name)] = metrics.partial_scores(
             obs, filled, hb, ctx.bands, data_range=ctx.data_range, gap_days=gap_days,
             cloud_fraction=ctx.region.cloud_in, core=core, win_size=ctx.win_size, ssim_fill=ctx.region.fill)
+    if model is not None and model_std is not None:
+        parts[(TRANSPLANTED, MODEL)] = pd.concat(
+            [parts[(TRANSPLANTED, MODEL)], metrics.calibration_parts(obs, model, model_std, hb, ctx.bands, core=core)],
+            ignore_index=True)
     piece = _quick_piece(block, ctx, [gappy, obs] + list(methods.values()), ["input (gaps)", "truth"] + list(methods),
                          hb)
     del methods, gappy
@@ -707,6 +717,91 @@ class PartsMerger:
         return pd.concat([s.table().assign(method=name, protocol=protocol)
                           for (protocol, name), s in self.sums.items()], ignore_index=True)
 
+    def calibration(self) -> dict | None:
+        """The model's calibration (:func:`stfuse.metrics.calibration_from_totals`) under transplanted clouds,
+        or None when its parts hold no std counts (no uncertainty head, or no model)."""
+        sums = self.sums.get((TRANSPLANTED, MODEL))
+        return None if sums is None else metrics.calibration_from_totals(sums.totals())
+
+
+def _pct(v: float) -> str:
+    return f"{100.0 * v:.1f} %" if math.isfinite(v) else "n/a"
+
+
+def calibration_report(cal: dict, head: str | None) -> tuple[str, str, dict]:
+    """summary.md's calibration paragraph and table, its HTML twin and benchmark.json's ``calibration``: per
+    band and overall, the share of hidden cells whose truth lies within +-1 and +-2 std of the prediction,
+    next to what a Gaussian (68.3 % / 95.4 %) and the head's own distribution would give."""
+    from .models.uncertainty import nominal_coverage
+
+    ks = cal["multiples"]
+    at = {k: ks.index(k) for k in (1.0, 2.0) if k in ks}
+    gauss = nominal_coverage("gaussian", [1.0, 2.0])
+    own = nominal_coverage(head, [1.0, 2.0])
+    head_text = f"the {head} head's own" if head else "the head's"
+    text = (f"**Calibration of the model's standard deviation** ({cal['n']} hidden cells, transplanted clouds): "
+            f"share of cells whose truth lies within +-1 / +-2 std of the prediction (a Gaussian holds "
+            f"{_pct(gauss[0])} / {_pct(gauss[1])}, {head_text} distribution {_pct(own[0])} / {_pct(own[1])}).\n")
+    rows = [b for b in cal["bands"]] + ["all"]
+    lines = [text, "| band | +-1 std | +-2 std |", "| --- | --- | --- |"]
+    cells_html = []
+    for b in rows:
+        obs = cal["observed"][b]
+        one = obs[at[1.0]] if 1.0 in at else float("nan")
+        two = obs[at[2.0]] if 2.0 in at else float("nan")
+        lines.append(f"| {b} | {_pct(one)} | {_pct(two)} |")
+        cells_html.append(f"<tr><th>{html.escape(b)}</th><td>{_pct(one)}</td><td>{_pct(two)}</td></tr>")
+    md = "\n".join(lines) + "\n"
+    page = (f"<h3>Calibration of the model's standard deviation</h3>\n<p>{html.escape(text.replace('**', ''))}</p>\n"
+            "<table><tr><th>band</th><th>+-1 std</th><th>+-2 std</th></tr>" + "".join(cells_html) + "</table>")
+    info = dict(head=head, hidden_cells=cal["n"], multiples=ks,
+                nominal=[float(v) for v in nominal_coverage(head, ks)],
+                nominal_gaussian=[float(v) for v in nominal_coverage("gaussian", ks)],
+                observed={b: [_g6(v) for v in cal["observed"][b]] for b in rows},
+                within_1_std={b: _g6(cal["observed"][b][at[1.0]]) for b in rows} if 1.0 in at else None,
+                within_2_std={b: _g6(cal["observed"][b][at[2.0]]) for b in rows} if 2.0 in at else None)
+    return md, page, info
+
+
+def plot_calibration(cal: dict | None, head: str | None, path) -> None:
+    """Reliability plot: for each std multiple k, the coverage of the central interval prediction +- k std
+    under the head's distribution (x, nominal) against the share of hidden cells whose truth lies inside it
+    (y, observed), per band and pooled; the diagonal is perfect calibration. Without a std (no uncertainty
+    head), a figure that says so."""
+    if cal is None:
+        message_figure(path, "No calibration", "The model has no uncertainty head (config key train.uncertainty: "
+                       "none), so there is no standard deviation to calibrate.")
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .models.uncertainty import nominal_coverage
+
+    ks = cal["multiples"]
+    nominal = nominal_coverage(head, ks)
+    fig, ax = plt.subplots(figsize=(4.6, 4.4))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect calibration")
+    for b in cal["bands"]:
+        ax.plot(nominal, cal["observed"][b], marker=".", linewidth=0.8, alpha=0.6, label=b)
+    ax.plot(nominal, cal["observed"]["all"], marker="o", color="black", linewidth=1.8, label="all bands")
+    for k in (1.0, 2.0):
+        if k in ks:
+            i = ks.index(k)
+            ax.annotate(f"±{k:g} std", (nominal[i], cal["observed"]["all"][i]), textcoords="offset points",
+                        xytext=(6, -12), fontsize=8)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel(f"nominal coverage of prediction ± k std ({head or 'gaussian'})")
+    ax.set_ylabel("observed share of hidden cells inside")
+    ax.set_title(f"Calibration of the model's std ({cal['n']} hidden cells)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
 
 def _lambda_text(lam: float) -> str:
     return f"{lam:.0f}" if lam >= 1 else f"{lam:.3g}"
@@ -741,8 +836,12 @@ def whittaker_report(ctx: ScoreContext, real: bool) -> tuple[str, dict]:
     return f" Whittaker's lambda, {how}: " + "; ".join(sentences) + ".", info
 
 
-def write_outputs(out_dir, table: pd.DataFrame, quick: Quicklook, ctx: ScoreContext, dates: list[dict]) -> None:
-    """scores.csv, summary.md (and .html), by_gap.png, quicklook.png and benchmark.json of a scored benchmark."""
+def write_outputs(out_dir, table: pd.DataFrame, quick: Quicklook, ctx: ScoreContext, dates: list[dict], *,
+                  calibration: dict | None = None, head: str | None = None) -> None:
+    """scores.csv, summary.md (and .html), by_gap.png, quicklook.png, calibration.png and benchmark.json of a
+    scored benchmark. ``calibration`` (:meth:`PartsMerger.calibration`) and ``head`` (the model's uncertainty
+    head, for the nominal coverages): the std's calibration, in all but scores.csv; None: calibration.png says
+    there is none."""
     out_dir = Path(out_dir)
     eval_dates, n_hidden = ctx.eval_dates, int(ctx.region.n_hidden.sum())
     quick.plot(dates, out_dir / "quicklook.png")
@@ -752,11 +851,20 @@ def write_outputs(out_dir, table: pd.DataFrame, quick: Quicklook, ctx: ScoreCont
     intro = (f"Scored on {len(eval_dates)} evaluation date(s) ({days})"
              f": {n_hidden} clear cells hidden under cloud masks transplanted from other dates." + lam_text)
     md = intro + "\n\n" + to_markdown(summary_table(table))
+    page = to_html(summary_table(table), intro)
+    cal_info = None
+    if calibration is not None:
+        cal_md, cal_html, cal_info = calibration_report(calibration, head)
+        md += "\n" + cal_md
+        page = page.replace("\n</body>", "\n" + cal_html + "\n</body>")
+    plot_calibration(calibration, head, out_dir / "calibration.png")
     (out_dir / "summary.md").write_text(md)
-    (out_dir / "summary.html").write_text(to_html(summary_table(table), intro))
+    (out_dir / "summary.html").write_text(page)
     plot_by_gap(table[table.protocol == TRANSPLANTED], out_dir / "by_gap.png", TRANSPLANTED)
     info = dict(possible=True, eval_dates=[dates[t]["start_time"] for t in eval_dates], hidden_cells=n_hidden,
                 data_range=ctx.data_range, **lam_info)
+    if cal_info is not None:
+        info["calibration"] = cal_info
     (out_dir / "benchmark.json").write_text(json.dumps(info, indent=1) + "\n")
     log.info("benchmark on %d dates, %d hidden cells:\n%s", len(eval_dates), n_hidden, md)
 
@@ -789,6 +897,9 @@ def benchmark_step(cube_dir, hidden_path, heldout_infer_dir, out_dir, *, data_ra
     (relative ~1e-15); with one block it is bit for bit the whole region's. ``truth_cube`` (T, B, H, W),
     the synthetic scene's truth, may be a memmap: it is read per block too.
 
+    A ``std.npy`` beside the heldout model's ``filled.npy`` (a model with an uncertainty head; its
+    ``infer.json`` names the head) is scored for calibration too (:meth:`PartsMerger.calibration`).
+
     ``whittaker_lambda``: a number > 0, or ``"auto"``: the first pass also sums, per candidate of
     :data:`stfuse.baselines.WHITTAKER_LAMBDA_GRID`, the leave-out errors on the observed values of the series
     given to the methods (:func:`stfuse.baselines.whittaker_tuning`; never a hidden cell), and every block
@@ -802,6 +913,9 @@ def benchmark_step(cube_dir, hidden_path, heldout_infer_dir, out_dir, *, data_ra
     channels, dates = meta["channels"], meta["dates"]
     hidden = _Npy(hidden_path)
     model = _Npy(Path(heldout_infer_dir) / "filled.npy")
+    std_path, info_path = Path(heldout_infer_dir) / "std.npy", Path(heldout_infer_dir) / "infer.json"
+    model_std = _Npy(std_path) if std_path.is_file() else None   # a model with an uncertainty head
+    head = json.loads(info_path.read_text()).get("uncertainty") if info_path.is_file() else None
     real = truth_cube is not None and main_infer_dir is not None
     main = _Npy(Path(main_infer_dir) / "filled.npy") if real else None
     truth_cube = _as_npy(truth_cube) if real else None
@@ -820,12 +934,13 @@ def benchmark_step(cube_dir, hidden_path, heldout_infer_dir, out_dir, *, data_ra
     for block in plan:
         parts, piece = score_block(_window(cube, block), _window(hidden, block), _window(model, block), block, ctx,
                                    truth=_window(truth_cube, block) if real else None,
-                                   main=_window(main, block) if real else None)
+                                   main=_window(main, block) if real else None,
+                                   model_std=_window(model_std, block) if model_std is not None else None)
         merger.add(parts)
         quick.paste(piece)
         del parts, piece
     table = merger.table()
-    write_outputs(out_dir, table, quick, ctx, dates)
+    write_outputs(out_dir, table, quick, ctx, dates, calibration=merger.calibration(), head=head)
     return table
 
 
@@ -863,7 +978,7 @@ def not_possible_step(out_dir, holdout_info: dict) -> str:
         "inference and registration of the filled series ran as usual; only the benchmark (and the training of its "
         "heldout model) was skipped.</p>"))
     pd.DataFrame(columns=list(SCORES_COLUMNS)).to_csv(out_dir / "scores.csv", index=False)
-    for name in ("by_gap.png", "quicklook.png"):
+    for name in ("by_gap.png", "quicklook.png", "calibration.png"):
         message_figure(out_dir / name, "The benchmark could not score this study", reason)
     (out_dir / "benchmark.json").write_text(json.dumps(dict(possible=False, reason=reason), indent=1) + "\n")
     log.warning("benchmark not scored: %s", reason)
@@ -877,6 +992,9 @@ def _truth_paths(truth_manifest, dates: list[dict], bands: list[str]) -> list[li
     base = Path(truth_manifest).parent
     out = []
     for d in dates:
+        if d.get("query"):  # a date config infer.dates asked for, no acquisition: no truth (NaN, never scored)
+            out.append([])
+            continue
         rows = m[m.start_time == pd.Timestamp(d["start_time"])].set_index("semantic_label")
         out.append([base / rows.loc[band, "path"] for band in bands])
     return out
@@ -918,6 +1036,7 @@ def synthetic_truth(truth_manifest, dates: list[dict], bands: list[str], scale: 
                     out = np.full(shape, np.nan, np.float32)
                 else:
                     out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+                    out[:] = np.nan  # query dates (no truth file) stay NaN
             out[t, b] = arr
     if path is not None and out is not None:
         out.flush()

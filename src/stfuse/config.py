@@ -34,7 +34,7 @@ DEFAULTS = {
     "pairing": {"neighbours": 2},
     "tiles": {"size": 32, "overlap": 0},
     "train": {"model": "unet", "model_params": {}},
-    "infer": {"overlap": None},
+    "infer": {"overlap": None, "dates": "observed"},
 }
 # stfuse.synthetic.make_scene's optical revisit (days) and day jitter: with a revisit larger than
 # twice the jitter no two dates fall on one day, so the scene has (end - start).days // 5 + 1 dates.
@@ -210,8 +210,28 @@ def _unet_multiple(params: dict) -> int:
     return 2 ** int(params["depth"])
 
 
+def _tattn_multiple(params: dict) -> int:
+    """Size multiple of stfuse.models.tattn (one stride-2 convolution): 2; checks its parameters."""
+    for key, low in (("width", 4), ("heads", 1), ("layers", 0)):
+        value = params[key]
+        if not _is_int(value) or value < low:
+            raise ValueError(f"config key train.model_params.{key}: must be an integer >= {low}, got {value!r}")
+    if params["width"] % params["heads"]:
+        raise ValueError(f"config key train.model_params: width {params['width']} is not a multiple of heads "
+                         f"{params['heads']}")
+    return 2
+
+
 # Models whose size multiple follows from their parameters without building them.
-SIZE_MULTIPLE = {"unet": _unet_multiple}
+SIZE_MULTIPLE = {"unet": _unet_multiple, "tattn": _tattn_multiple}
+#: builder parameters that training derives from the data (a sequence model's token layout), never config
+DATA_PARAMS = ("tokens",)
+
+
+def is_checkpoint(model) -> bool:
+    """Does ``train.model`` name a checkpoint to adopt (a value ending in ``.pt`` or an existing file), not a
+    registered model? (An inference-only study; workflow/rules/common.smk checks the file.)"""
+    return isinstance(model, str) and (model.endswith(".pt") or os.path.isfile(model))
 
 
 def model_size_multiple(name: str, params: dict) -> int:
@@ -222,13 +242,18 @@ def model_size_multiple(name: str, params: dict) -> int:
     found = registered_models()
     if name in found:
         info = found[name]
+        fixed = [p for p in params if p in DATA_PARAMS]
+        if fixed:
+            raise ValueError(f"config key train.model_params: {', '.join(map(repr, fixed))} comes from the data "
+                             "(training derives it), not from the config")
         unknown = [p for p in params if p not in info["params"]]
         if unknown and not info["var_kw"]:
             raise ValueError(
                 f"config key train.model_params: model {name!r} has no parameter(s) {', '.join(map(repr, unknown))}; "
                 f"it takes {', '.join(info['params']) or 'none'}"
             )
-        required = [p for p, d in info["params"].items() if d is _MISSING and p not in params]
+        required = [p for p, d in info["params"].items()
+                    if d is _MISSING and p not in params and p not in DATA_PARAMS]
         if name in SIZE_MULTIPLE:
             if required:
                 raise ValueError(f"config key train.model_params: model {name!r} needs {', '.join(required)}")
@@ -312,6 +337,19 @@ def _manifest_date_count(path: Path, sensor: str) -> int:
     return int(df.loc[df.sensor == sensor, "start_time"].nunique())
 
 
+def check_dates(value) -> None:
+    """Config key infer.dates: ``observed``, ``{every: <pandas offset alias>, start, end}`` (a grid with at least
+    one date when start and end are given) or a list of distinct dates/times; ValueError naming the key."""
+    from . import anydate
+
+    setting = anydate.parse_setting(value, "config key infer.dates")
+    if isinstance(setting, dict) and setting["start"] is not None and setting["end"] is not None:
+        try:
+            anydate.requested_times(setting, [])
+        except ValueError as exc:
+            raise ValueError(f"config key {exc}") from None
+
+
 def check(config: dict) -> None:
     """Every check the study config needs beyond the schema; ValueError naming the key."""
     optical, _sar = _check_sensors(config)
@@ -328,13 +366,15 @@ def check(config: dict) -> None:
 
     train = config.get("train") or {}
     name = train.get("model", DEFAULTS["train"]["model"])
-    multiple = model_size_multiple(name, train.get("model_params", DEFAULTS["train"]["model_params"]) or {})
+    multiple = 1 if is_checkpoint(name) else model_size_multiple(  # a checkpoint: its own tile size counts
+        name, train.get("model_params", DEFAULTS["train"]["model_params"]) or {})
 
     size, overlap = _get(config, "tiles", "size"), _get(config, "tiles", "overlap")
     known = region_size(config)
     width, height, where = known if known else (None, None, "")
     check_tiles(size, overlap, width, height, multiple=multiple, where=where,
                 infer_overlap=_get(config, "infer", "overlap"))
+    check_dates(_get(config, "infer", "dates"))
     from .blocks import halo_for  # the halo must cover a tile (ValueError naming blocks.halo)
 
     halo_for(config.get("blocks") or {}, size)

@@ -12,7 +12,8 @@ Every pixel stage of the workflow works on **block cubes**: the cube of one spat
     float32 (T, C, read_rows, read_cols), a plain ``.npy`` (readers memory-map it);
 ``cube.json``
     ``channels``, ``dates`` (``start_time``, ``optical_id``, ``sar_id``, ``sar_gap_days``,
-    ``clear_fraction``), ``region`` (the whole study region), ``block`` (:func:`stfuse.blocks.to_dict`),
+    ``clear_fraction``; with config infer.dates also ``query`` and ``outputs``, :func:`cube_dates`), ``region``
+    (the whole study region), ``block`` (:func:`stfuse.blocks.to_dict`),
     ``shape``, and ``counts`` over the block's *core*: ``seen`` (cells whose ``valid`` is not NaN on some
     date) and ``clear`` (per date, cells with ``valid == 1``). Integer counts add up exactly over
     blocks, so region-wide clear fractions (the benchmark's holdout) never need the pixels again.
@@ -230,8 +231,16 @@ def read_cube(groups_state: dict, out: np.ndarray | None = None, *,
 
 
 def cube_dates(groups_state: dict) -> list[dict]:
+    """The ``dates`` of cube.json, one per group. ``query`` and ``outputs`` (:mod:`stfuse.anydate`: a date
+    without an optical acquisition, the start times each date answers) are carried only when they say more than
+    "every date is an optical acquisition answering its own start time", so an observed-mode cube.json (and one
+    from a groups.json older than them) is what it always was."""
     keys = ("start_time", "optical_id", "sar_id", "sar_gap_days", "clear_fraction")
-    return [{k: g[k] for k in keys} for g in groups_state["groups"]]
+    groups = groups_state["groups"]
+    any_date = any(g.get("query") or ("outputs" in g and list(g["outputs"]) != [g["start_time"]]) for g in groups)
+    extra = ("query", "outputs") if any_date else ()
+    return [dict({k: g[k] for k in keys}, **{k: g.get(k, False if k == "query" else [g["start_time"]])
+                                             for k in extra}) for g in groups]
 
 
 def read_cube_step(project_state: dict, groups_state: dict, stage: str, out: np.ndarray | None = None,

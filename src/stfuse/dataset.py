@@ -24,6 +24,16 @@ Input channels, in order (names in :attr:`GapFillDataset.input_channels`):
    and :attr:`InputAssembler.present_input_index` locate them for a residual model
    (:class:`stfuse.models.residual.ResidualOnPrior`).
 
+6. only with ``layout="sequence"`` (the layout of models that treat every date as a token, such as
+   :mod:`stfuse.models.tattn`; their registration asks for it, see
+   :func:`stfuse.models.input_layout`), per date token -- ``t`` first, then the neighbours in the
+   order above: ``<sar band>@sar:<tag>`` for the neighbours (the SAR paired with *that* date,
+   normalised; the target's SAR is already in 3.), ``sar_present@<tag>`` (1 when that date has
+   paired SAR) and ``doy_sin@<tag>`` / ``doy_cos@<tag>`` (the day of year of the date on the unit
+   circle; 0 for an absent neighbour). So the model sees the SAR *series* over the 2K + 1 dates,
+   not one paired SAR date, and the season. :meth:`InputAssembler.token_layout` gives the input
+   indices per token.
+
 "Clear" means valid == 1 and every optical band finite (:func:`stfuse.tiles.clear_mask`).
 Normalisation is ``(x - mean) / std`` with the training statistics in ``stats.json``; mask and
 time channels are not normalised.
@@ -61,7 +71,6 @@ from torch.utils.data import Dataset
 
 from stfuse.prior import PRESENT_NAME, PRIOR_KIND, PRIOR_SUFFIX
 from stfuse.tiles import (
-    _check_dates,
     CHANNELS_FILE,
     CLEAR_FILE,
     INDEX_FILE,
@@ -69,18 +78,27 @@ from stfuse.tiles import (
     STORE_COLUMNS,
     TILES_FILE,
     channel_indices,
+    check_cube_dates,
     clear_mask,
 )
 
-__all__ = ["GapFillDataset", "InputAssembler", "TileFile", "build_input", "DT_SCALE_DAYS"]
+__all__ = ["GapFillDataset", "InputAssembler", "TileFile", "build_input", "DT_SCALE_DAYS", "LAYOUTS"]
 
 logger = logging.getLogger("stfuse.dataset")
 
 #: time offsets (optical neighbours and SAR gap) are given to the model in units of 30 days
 DT_SCALE_DAYS = 30.0
 SPLITS = ("train", "val")
+#: input layouts: "stacked" (items 1-5 of the module docstring), "sequence" (adds item 6)
+LAYOUTS = ("stacked", "sequence")
 #: tiles.npy files a process keeps open at once (a store has one per block; 484 for s2tile)
 MAX_OPEN_TILE_FILES = 64
+
+
+def _day_of_year(start_time) -> int:
+    """0-based day of the year of a start time, in UTC (naive times are UTC)."""
+    ts = pd.Timestamp(start_time)
+    return (ts if ts.tzinfo is None else ts.tz_convert("UTC")).day_of_year - 1
 
 
 class TileFile:
@@ -171,7 +189,9 @@ class InputAssembler:
         One dict per channel of the series (``name``, ``kind``), as in ``channels.json``.
     dates
         One dict per date of the series with ``start_time`` and ``sar_gap_days`` (None: no
-        paired SAR), in time order; time offsets are computed from ``start_time``.
+        paired SAR), in time order; time offsets are computed from ``start_time``. A date with
+        ``"query": True`` has no optical acquisition (a date asked for by ``infer.dates``): it
+        can be a target, never a neighbour.
     stats
         Normalisation statistics: the ``channels`` list of ``stats.json`` (dicts with
         ``name``, ``mean``, ``std``) or a mapping ``name -> {"mean": .., "std": ..}``; every
@@ -180,12 +200,18 @@ class InputAssembler:
         ``prior_present`` is a 0/1 flag).
     k_neighbours
         K previous and K next optical dates (>= 0).
+    layout
+        ``"stacked"`` (default) or ``"sequence"``: the per-date SAR and season channels of item
+        6 of the module docstring are added at the end.
 
     :attr:`input_channels` names the input channels (see the module docstring for the order),
     :attr:`target_channels` the optical bands, i.e. the model outputs.
     """
 
-    def __init__(self, channels, dates, stats, k_neighbours):
+    def __init__(self, channels, dates, stats, k_neighbours, layout="stacked"):
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        self.layout = layout
         if isinstance(k_neighbours, bool) or not isinstance(k_neighbours, numbers.Integral) \
                 or k_neighbours < 0:
             raise ValueError(f"k_neighbours must be an integer >= 0, got {k_neighbours!r}")
@@ -219,11 +245,17 @@ class InputAssembler:
             mean[i], std[i] = mean[band], std[band]
         self._mean, self._std = mean, std
 
-        dates = _check_dates(list(dates), len(dates))
+        dates = check_cube_dates(list(dates), len(dates))
         self.n_dates = len(dates)
         self._offsets = np.array([d["offset_days"] for d in dates], dtype=np.float64)
+        # query dates (an "any date" product: no optical acquisition, "query": true) are targets only,
+        # never a neighbour: the neighbours of every date are the observed dates around it
+        self._observed = np.array([i for i, d in enumerate(dates) if not d.get("query")], dtype=np.int64)
         self._sar_gap = np.array([np.nan if d.get("sar_gap_days") is None
                                   else float(d["sar_gap_days"]) for d in dates])
+        doy = np.array([_day_of_year(d["start_time"]) for d in dates], dtype=np.float64)
+        angle = 2 * np.pi * doy / 365.25
+        self._doy = np.stack([np.sin(angle), np.cos(angle)], axis=1).astype(np.float32)
 
         opt_names = [names[i] for i in self._optical]
         valid_name = names[self._valid]
@@ -241,6 +273,11 @@ class InputAssembler:
             self.present_input_index: int | None = len(inputs) - 1
         else:
             self.prior_input_indices, self.present_input_index = [], None
+        if layout == "sequence":
+            for tag in ["t"] + self.neighbour_tags():
+                if tag != "t":
+                    inputs += [f"{names[i]}@sar:{tag}" for i in self._sar]
+                inputs += [f"sar_present@{tag}", f"doy_sin@{tag}", f"doy_cos@{tag}"]
         self.input_channels: list[str] = inputs
         self.target_channels: list[str] = opt_names
 
@@ -274,9 +311,50 @@ class InputAssembler:
         k = self.k_neighbours
         return [-j for j in range(1, k + 1)] + [j for j in range(1, k + 1)]
 
+    def neighbour(self, t: int, offset: int) -> int | None:
+        """The date index of neighbour ``offset`` (-1 = the previous observed date, +2 = the one after
+        the next, ...) of date ``t``, or None beyond the ends of the series. Query dates are skipped,
+        so without them this is ``t + offset``."""
+        obs = self._observed
+        if offset < 0:
+            i = int(np.searchsorted(obs, t, side="left")) + offset
+        else:
+            i = int(np.searchsorted(obs, t, side="right")) + offset - 1
+        return int(obs[i]) if 0 <= i < len(obs) else None
+
     @property
     def n_input_channels(self) -> int:
         return len(self.input_channels)
+
+    def token_layout(self) -> dict:
+        """Where a token model finds each date's inputs (``layout="sequence"`` only), plain JSON.
+
+        ``{"tokens": [...], "context": [...], "n_bands": B, "n_sar": S}``: one dict per date token
+        (``t`` first, then ``t-1..t-K``, ``t+1..t+K``) with the input indices of its ``bands`` (B),
+        ``valid``, ``sar`` (S), ``sar_present``, ``doy`` (2), and -- neighbours only -- ``dt`` and
+        ``present`` (the target has dt 0 and is always present); ``context`` lists the per-pixel
+        inputs that belong to no date (static layers, the prior and its flag).
+        """
+        if self.layout != "sequence":
+            raise ValueError("token_layout() needs an assembler built with layout='sequence'")
+        pos = {name: i for i, name in enumerate(self.input_channels)}
+        names = [str(ch["name"]) for ch in self.channels]
+        opt = [names[i] for i in self._optical]
+        sar = [names[i] for i in self._sar]
+        valid = names[self._valid]
+        tokens = []
+        for tag in ["t"] + self.neighbour_tags():
+            sar_tag = "sar" if tag == "t" else f"sar:{tag}"
+            tok = {"tag": tag, "bands": [pos[f"{n}@{tag}"] for n in opt],
+                   "valid": pos[f"{valid}@{tag}"], "sar": [pos[f"{n}@{sar_tag}"] for n in sar],
+                   "sar_present": pos[f"sar_present@{tag}"],
+                   "doy": [pos[f"doy_sin@{tag}"], pos[f"doy_cos@{tag}"]]}
+            if tag != "t":
+                tok["dt"], tok["present"] = pos[f"dt@{tag}"], pos[f"present@{tag}"]
+            tokens.append(tok)
+        context = [pos[names[i]] for i in self._static] + list(self.prior_input_indices) \
+            + ([self.present_input_index] if self.present_input_index is not None else [])
+        return {"tokens": tokens, "context": context, "n_bands": len(opt), "n_sar": len(sar)}
 
     @property
     def optical_indices(self) -> list[int]:
@@ -353,8 +431,8 @@ class InputAssembler:
         image[n_opt] = mask
         c = n_opt + 1
         for off in self.neighbour_offsets():
-            d = t + off
-            if 0 <= d < n_dates:
+            d = self.neighbour(t, off)
+            if d is not None:
                 _, nb_clear, bands = self._date(series, d, cache)
                 image[c:c + n_opt] = np.where(nb_clear, bands, 0.0)
                 image[c + n_opt] = nb_clear
@@ -377,10 +455,30 @@ class InputAssembler:
                                           0.0)
             image[c + n_opt] = present
             c += n_opt + 1
+        if self.layout == "sequence":
+            c = self._fill_sequence(image, series, t, c, cache)
         assert c == self.n_input_channels
         if cache is not None:  # never hand out the cached arrays themselves
             target, target_valid = target.copy(), target_valid.copy()
         return image, mask, np.ascontiguousarray(target), target_valid
+
+
+    def _fill_sequence(self, image, series, t: int, c: int, cache) -> int:
+        """Item 6 of the module docstring: per-date SAR, SAR presence and season, from channel c."""
+        n_sar = len(self._sar)
+        for off in [0] + self.neighbour_offsets():
+            d = t if off == 0 else self.neighbour(t, off)
+            inside = d is not None
+            if off:
+                if inside and n_sar and np.isfinite(self._sar_gap[d]):
+                    block = self._date(series, d, cache)[0]
+                    image[c:c + n_sar] = self.normalise(block[self._sar], self._sar)
+                c += n_sar
+            if inside:
+                image[c] = float(n_sar > 0 and np.isfinite(self._sar_gap[d]))
+                image[c + 1], image[c + 2] = self._doy[d]
+            c += 3
+        return c
 
 
 def build_input(series, t, channels, dates, stats, k_neighbours, hide=None):
@@ -407,6 +505,8 @@ class GapFillDataset(Dataset):
     min_target_valid
         A (tile, t) pair is a sample only if at least this fraction of the tile's pixels is
         clear at t.
+    layout
+        The model input layout, ``"stacked"`` or ``"sequence"`` (:class:`InputAssembler`).
     extra_mask_seed, extra_mask_fraction
         Artificial masking for self-supervised training: with probability
         ``extra_mask_fraction`` per sample, the pixels that are not clear at another, random
@@ -426,7 +526,7 @@ class GapFillDataset(Dataset):
     """
 
     def __init__(self, tiles_dir, split="train", k_neighbours=2, min_target_valid=0.05,
-                 extra_mask_seed=None, extra_mask_fraction=0.0):
+                 extra_mask_seed=None, extra_mask_fraction=0.0, layout="stacked"):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if isinstance(k_neighbours, bool) or not isinstance(k_neighbours, numbers.Integral) \
@@ -466,7 +566,7 @@ class GapFillDataset(Dataset):
             raise ValueError(f"{root}: stats.json channels {stat_names} do not match "
                              f"channels.json {names}")
         self.assembler = InputAssembler(self.channels, self.dates, stats["channels"],
-                                        self.k_neighbours)
+                                        self.k_neighbours, layout)
         self.n_dates = len(self.dates)
 
         index = pd.read_csv(root / INDEX_FILE, dtype={"tile": np.int64, "row": np.int64,

@@ -20,7 +20,7 @@ import pandas as pd
 
 from . import grass
 from .config import check_date_count
-from .ingest import _derive_validity, _iso, grid_dict, map_name
+from .ingest import derive_validity_strds, grid_dict, iso_utc, map_name
 from .manifest import Grid
 from .temporal import DatasetError, granules
 
@@ -136,14 +136,14 @@ def ingest_sensor(project_state: dict, sensor: str, spec: dict) -> dict:
         mask_band = (spec.get("mask") or {}).get("band")
         if spec["role"] == "optical":  # with or without a mask band
             with tempfile.TemporaryDirectory(prefix="stfuse_valid_") as tmp:
-                valid_strds = _derive_validity(gs, tgis, sensor, spec, dates, names, tmp)
+                valid_strds = derive_validity_strds(gs, tgis, sensor, spec, dates, names, tmp)
     granules = []
     for when in dates:
-        g = {"start_time": _iso(when), "maps": {b: names[(when, b)] for b in spec["bands"]}}
+        g = {"start_time": iso_utc(when), "maps": {b: names[(when, b)] for b in spec["bands"]}}
         if mask_band:
             g["mask_band"] = names[(when, mask_band)]
         if valid_strds:
-            g["valid"] = f"{map_name(sensor, 'valid', when)}@{mapset}"  # as _derive_validity names it
+            g["valid"] = f"{map_name(sensor, 'valid', when)}@{mapset}"  # as derive_validity_strds names it
         granules.append(g)
     log.info("%s: %d granules of %s, validity in %s", sensor, len(dates), strds_id, valid_strds)
     return dict(sensor=sensor, role=spec["role"], mapset=mapset, strds=strds_id, valid_strds=valid_strds,

@@ -10,19 +10,29 @@ into that session's CURRENT mapset:
    0 elsewhere, null where the class is null, as :mod:`stfuse.ingest` derives it), or neither (1 where every
    band has data, 0 where only some have, null where none has);
 3. each optical date is paired with the nearest SAR granule with data in the region within ``max_gap_days``
-   (:func:`stfuse.pairing.pair_sensors`);
-4. every check (names, search path, existing outputs, the checkpoint's channels, the memory estimate) runs
-   before a pixel is read, and nothing is written before every check has passed;
-5. the (T, C, H, W) cube of the current computational region is read (:func:`stfuse.cube.read_cube`,
-   the channel layout of :func:`stfuse.cube.channel_layout`);
-6. a checkpoint the workflow trained is loaded (``model=``), or a model is trained in place on tiles in a
-   temporary directory (:func:`stfuse.tiles.export_tiles`, :func:`stfuse.train.train`);
-7. inference over the whole region (:func:`stfuse.infer.predict_cube`); each filled map and flag map is
-   written with :func:`stfuse.grassio.write_map` and registered as STRDS ``output`` (band names as semantic
-   labels, the optical UTC start times) and ``flag_output`` (default ``<output>_flag``).
+   (:func:`stfuse.pairing.pair_sensors`); ``dates`` other than ``"observed"`` (:mod:`stfuse.anydate`: a regular
+   step such as ``5D`` or ``SMS``, or a list of dates) adds a *query date* per requested time without an optical
+   acquisition on its UTC day, paired with SAR the same way, never clear, never a neighbour, never trained on;
+4. every check (names, search path, existing outputs, the checkpoint's channels, the block plan, the memory
+   estimate) runs before a pixel is read, and nothing is written before every check has passed;
+5. the computational region is cut into spatial blocks (``block_size`` cells a side, :func:`stfuse.blocks.plan`;
+   default one block, the whole region) with a halo of the tile size; the (T, C, h, w) cube of each block's
+   read window (core + halo) is read into a file in the temporary directory (:func:`stfuse.cube.read_cube`,
+   the channel layout of :func:`stfuse.cube.channel_layout`, the region set by ``GRASS_REGION`` for the read
+   only);
+6. a checkpoint the workflow trained is loaded (``model=``), or a model is trained in place on the blocks'
+   tiles joined into one tile store (:func:`stfuse.tiles.export_block_tiles`,
+   :func:`stfuse.tiles.merge_tile_store`, :func:`stfuse.train.train`);
+7. inference block by block (:func:`stfuse.infer.predict_block`, the core of each block into files); each
+   filled map and flag map is written from the blocks' cores (:class:`stfuse.cube.Mosaic`, one map of the
+   region at a time) with :func:`stfuse.grassio.write_map` and registered as STRDS ``output`` (band names as
+   semantic labels, the optical UTC start times -- or, with ``dates``, exactly the requested times) and
+   ``flag_output`` (default ``<output>_flag``).
 
-The whole region is held in memory in this version: :func:`estimate_bytes` says how much, and a region above
-``memory_mb`` is refused before reading.
+As in the workflow, the result does not depend on the block layout: any ``block_size`` gives the same maps,
+bit for bit, as one block (the halo covers every tile and inference window that touches a core). Memory holds
+one block at a time: :func:`estimate_bytes` of the largest block's read window says how much, and a plan whose
+block needs more than ``memory_mb`` is refused before reading (use a smaller ``block_size``).
 """
 
 from __future__ import annotations
@@ -38,8 +48,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from . import blocks as blocks_mod
 from . import cube as cube_mod
-from . import grassio, pairing, temporal
+from . import anydate, grassio, pairing, temporal
 from .steps.pairing import data_fractions
 
 log = logging.getLogger("stfuse.fusion")
@@ -70,14 +81,22 @@ class Plan:
     opt: pd.DataFrame  # optical granules: id, start_time, a map per band, [valid | mask band]
     sar_table: pd.DataFrame  # SAR granules: id, start_time, a map per band
     shape: tuple[int, int, int, int]  # T, C, rows, cols
-    maps: dict  # output map names per (date index, band) and per date ("flag")
+    maps: dict  # output map names per (output index, band) and per output ("flag")
     output: str
     flag_output: str
     nbytes: int = 0
+    blocks: list = field(default_factory=list)  # the block plan (stfuse.blocks.Block), row-major
+    block_size: int | None = None  # block edge as asked (None: one block, the whole region)
+    halo: int = 0
     checkpoint: dict | None = None
     pairs: pd.DataFrame | None = None
     unpaired: pd.DataFrame | None = None
     notes: list[str] = field(default_factory=list)
+    #: the series' dates (stfuse.anydate.plan_dates: optical position, query, start_time, outputs), time order
+    dates: pd.DataFrame | None = None
+    #: (date index, UTC output time) of every map set to write, in order
+    outputs: list = field(default_factory=list)
+    query_sar: pd.DataFrame | None = None  # the SAR partner of each query date (stfuse.anydate.pair_queries)
 
 
 # --- names, search path, STRDS ----------------------------------------------------------------------------
@@ -164,7 +183,8 @@ def _with_validity(tgis, opt: pd.DataFrame, mask_id: str | None) -> pd.DataFrame
 
 
 def output_maps(output: str, flag_output: str, bands: list[str], times) -> dict:
-    """Names of the maps to write: ``(t, band) -> <output>_<band>_<stamp>``, ``(t, "flag") -> <flag>_<stamp>``."""
+    """Names of the maps to write: ``(i, band) -> <output>_<band>_<stamp>``, ``(i, "flag") -> <flag>_<stamp>``,
+    ``i`` the index of the output time in ``times``."""
     names = {}
     for t, when in enumerate(times):
         stamp = temporal.stamp(pd.Timestamp(when))
@@ -216,14 +236,36 @@ def estimate_bytes(n_dates: int, n_channels: int, n_bands: int, rows: int, cols:
     return int(cells * (4 * (int(n_channels) + 2 * int(n_bands)) + 1) * ESTIMATE_MARGIN)
 
 
+def block_plan(rows: int, cols: int, block_size: int | None, halo: int) -> list[blocks_mod.Block]:
+    """The blocks of a ``rows`` x ``cols`` region: cores of ``block_size`` cells a side (None: one block, the
+    whole region) with a ``halo`` (the tile size); FusionError naming ``blocks=`` when the edge is not larger
+    than the halo (a block must see every tile and inference window that touches its core)."""
+    if block_size is None:
+        return blocks_mod.plan(rows, cols, max(rows, cols, int(halo) + 1), int(halo))
+    if isinstance(block_size, bool) or int(block_size) != block_size or int(block_size) < 1:
+        raise FusionError(f"blocks={block_size}: must be a whole number of cells, at least 1")
+    if int(block_size) <= int(halo):
+        raise FusionError(f"blocks={block_size}: a block edge must be larger than its halo, the tile size "
+                          f"({halo} cells; every tile and inference window that touches a block's core must lie "
+                          f"in its read window): use blocks={int(halo) + 1} or more")
+    return blocks_mod.plan(rows, cols, int(block_size), int(halo))
+
+
 def _check_memory(plan: Plan, memory_mb: float) -> None:
+    """The need of the largest block (its read window's :func:`estimate_bytes`; writing a map of the region
+    takes less but for tiny blocks of a large region) against ``memory_mb``."""
     t, c, h, w = plan.shape
-    plan.nbytes = estimate_bytes(t, c, len(plan.bands), h, w)
+    big = max(plan.blocks, key=lambda b: b.read_rows * b.read_cols)
+    plan.nbytes = max(estimate_bytes(t, c, len(plan.bands), big.read_rows, big.read_cols),
+                      int(4 * h * w * ESTIMATE_MARGIN))
     if memory_mb is not None and plan.nbytes > float(memory_mb) * 2**20:
+        where = ("the region" if len(plan.blocks) == 1 else
+                 f"the largest of its {len(plan.blocks)} blocks (blocks={plan.block_size})")
         raise FusionError(
-            f"the region holds {t} dates x {c} channels x {h} x {w} cells: about {plan.nbytes / 2**20:.0f} MB "
-            f"in memory, above memory={memory_mb:g} MB. This version holds the whole region in memory: shrink "
-            "the region (g.region), or raise memory= if the machine has the RAM")
+            f"{where} holds {t} dates x {c} channels x {big.read_rows} x {big.read_cols} cells (with the halo): "
+            f"about {plan.nbytes / 2**20:.0f} MB in memory, above memory={memory_mb:g} MB. Memory holds one block "
+            "at a time: cut the region into smaller blocks (blocks=, in cells), or raise memory= if the machine "
+            "has the RAM")
 
 
 # --- the checkpoint ------------------------------------------------------------------------------------------
@@ -254,7 +296,8 @@ def check_model(ckpt: dict, path, channels: list[dict], dates: list[dict]) -> No
     if any(ch.get("kind") == PRIOR_KIND for ch in ckpt["channels"]):
         channels = [dict(ch) for ch in channels] + prior_layout(channels)
     stats = {str(ch["name"]): {"mean": 0.0, "std": 1.0} for ch in channels}  # only names matter here
-    names = InputAssembler(channels, dates, stats, ckpt["k_neighbours"]).input_channels
+    names = InputAssembler(channels, dates, stats, ckpt["k_neighbours"],
+                           ckpt.get("input_layout", "stacked")).input_channels
     try:
         check_channels(ckpt, names)
     except ValueError as exc:
@@ -265,10 +308,24 @@ def check_model(ckpt: dict, path, channels: list[dict], dates: list[dict]) -> No
 # --- the plan: every check before a pixel is read ----------------------------------------------------------
 
 
+def date_setting(dates):
+    """The ``dates`` option as :func:`stfuse.anydate.parse_setting` returns it: ``"observed"``, a step (an offset
+    alias such as ``5D``, ``SMS``, or a ``{"every", "start", "end"}`` dict) or dates (a comma list or a list);
+    FusionError naming ``dates=``."""
+    try:
+        if dates is None or isinstance(dates, str):
+            return anydate.parse_module_dates(dates)
+        return anydate.parse_setting(dates, f"dates={dates!r}")
+    except ValueError as exc:
+        raise FusionError(str(exc)) from None
+
+
 def plan_fill(gs, tgis, dbif, optical: str, sar: str, output: str, *, flag_output=None, bands=None,
               sar_bands=None, mask=None, mask_band=None, valid_classes=None, model=None, save_model=None,
-              tile_size=32, memory_mb=None, overwrite=False) -> Plan:
-    """Resolve the inputs through TGIS and check everything that needs no pixel; FusionError on bad input."""
+              tile_size=32, memory_mb=None, block_size=None, overwrite=False, dates="observed") -> Plan:
+    """Resolve the inputs through TGIS and check everything that needs no pixel; FusionError on bad input.
+    ``dates``: see :func:`date_setting`."""
+    setting = date_setting(dates)
     flag_output = flag_output or f"{output}_flag"
     _check_names(output, flag_output)
     _check_mapset(gs)
@@ -289,17 +346,28 @@ def plan_fill(gs, tgis, dbif, optical: str, sar: str, output: str, *, flag_outpu
     sar_table = _granules(tgis, sar_id, sar_bands, "sar")
     rows, cols = grassio.region_shape()
     channels = _channels(optical_id, bands, sar_id, sar_bands)
+    try:
+        series = anydate.plan_dates(opt.start_time, anydate.requested_times(setting, opt.start_time))
+    except ValueError as exc:
+        raise FusionError(f"dates={dates}: {exc}") from None
+    outputs = [(t, o) for t, r in enumerate(series.itertuples()) for o in r.outputs]
     plan = Plan(optical_id, sar_id, mask_id, bands, sar_bands, mask_band,
                 [int(c) for c in (valid_classes or DEFAULT_VALID_CLASSES)], opt, sar_table,
-                (len(opt), len(channels), rows, cols), output_maps(output, flag_output, bands, opt.start_time),
-                output, flag_output)
+                (len(series), len(channels), rows, cols),
+                output_maps(output, flag_output, bands, [o for _, o in outputs]), output, flag_output,
+                dates=series, outputs=outputs)
     _check_outputs(gs, tgis, dbif, plan, save_model, overwrite)
     if model:
-        dates = [dict(start_time=temporal.iso(t), sar_gap_days=None) for t in opt.start_time]
+        dates = [dict(start_time=temporal.iso(r.start_time), sar_gap_days=None, query=bool(r.query))
+                 for r in series.itertuples()]
         check_model(ckpt, model, channels, dates)
         plan.checkpoint = ckpt
+        plan.halo = int(ckpt["tile_size"])  # its inference windows
     else:
         _check_tile_size(tile_size, rows, cols)
+        plan.halo = int(tile_size)  # the training tiles and the inference windows of the model trained here
+    plan.block_size = block_size
+    plan.blocks = block_plan(rows, cols, block_size, plan.halo)
     _check_memory(plan, memory_mb)
     return plan
 
@@ -368,6 +436,13 @@ def pair_with_sar(plan: Plan, max_gap_days: float) -> None:
     plan.notes.append(pairing.summarise(plan.pairs, plan.unpaired))
     for r in plan.unpaired.itertuples():
         plan.notes.append(f"unpaired {r.optical_id}: {r.reason}")
+    queries = plan.dates[plan.dates["query"]] if plan.dates is not None else plan.dates
+    if queries is not None and len(queries):  # the dates asked for without an optical acquisition
+        plan.query_sar = anydate.pair_queries(queries.start_time, sar, max_gap_days, coverage="data_fraction")
+        plan.query_sar.index = queries.index
+        plan.notes.append(f"{len(plan.outputs)} output date(s): {len(queries)} without an optical acquisition "
+                          f"on their day ({int(plan.query_sar.sar_id.notna().sum())} with SAR within "
+                          f"{max_gap_days:g} d)")
 
 
 # --- reading, validity ---------------------------------------------------------------------------------------
@@ -379,14 +454,25 @@ def groups_state(plan: Plan) -> dict:
     best = plan.pairs[plan.pairs["rank"] == 1].set_index("optical_id")
     sar = plan.sar_table.set_index("id")
     groups = []
-    for r in plan.opt.itertuples(index=False):
-        row = r._asdict()
+    series = plan.dates if plan.dates is not None else anydate.plan_dates(plan.opt.start_time, None)
+    for d in series.itertuples():
+        outputs = [temporal.iso(o) for o in d.outputs]
+        if d.query:  # no optical acquisition: optical bands and validity slot absent (NaN: never clear)
+            sar_id, gap = plan.query_sar.loc[d.Index, "sar_id"], plan.query_sar.loc[d.Index, "gap_days"]
+            maps = [None] * (len(plan.bands) + 1)
+            maps += [sar.loc[sar_id, b] if sar_id is not None else None for b in plan.sar_bands]
+            groups.append(dict(maps=maps, optical_id=None, start_time=temporal.iso(d.start_time), sar_id=sar_id,
+                               sar_gap_days=None if gap is None else float(gap), query=True, outputs=outputs))
+            continue
+        r = plan.opt.iloc[d.optical]
+        row = r.to_dict()
         slot = row.get("valid") if plan.mask else (row[plan.mask_band] if plan.mask_band else None)
         sar_id = best.sar_id.get(r.id)
         maps = [row[b] for b in plan.bands] + [slot]
         maps += [sar.loc[sar_id, b] if sar_id is not None else None for b in plan.sar_bands]
         groups.append(dict(maps=maps, optical_id=r.id, start_time=temporal.iso(r.start_time), sar_id=sar_id,
-                           sar_gap_days=None if sar_id is None else float(best.gap_days[r.id])))
+                           sar_gap_days=None if sar_id is None else float(best.gap_days[r.id]), query=False,
+                           outputs=outputs))
     return dict(channels=_channels(plan.optical, plan.bands, plan.sar, plan.sar_bands), groups=groups)
 
 
@@ -399,7 +485,9 @@ def derive_validity(cube: np.ndarray, plan: Plan) -> None:
         if plan.mask:
             bad = np.isfinite(slot) & (slot != 0) & (slot != 1)
             if bad.any():
-                raise FusionError(f"mask={plan.mask}: map <{plan.opt.valid.iloc[t]}> holds values other than 0, 1 "
+                series = getattr(plan, "dates", None)
+                pos = int(series.optical.iloc[t]) if series is not None else t  # query dates hold no mask map
+                raise FusionError(f"mask={plan.mask}: map <{plan.opt.valid.iloc[pos]}> holds values other than 0, 1 "
                                   f"and null (e.g. {slot[bad][0]:g}); for a classification band of the optical STRDS "
                                   "use mask_band= and valid_classes= instead")
             continue
@@ -425,15 +513,24 @@ def cube_dates(groups: dict, cube: np.ndarray, valid_index: int) -> list[dict]:
 # --- the model -------------------------------------------------------------------------------------------------
 
 
-def train_in_place(cube, channels, dates, workdir, *, epochs: int, tile_size: int, seed: int = 0,
-                   threads=None, device="auto") -> tuple[Path, dict]:
-    """Export tiles of ``cube`` into ``workdir`` and train the workflow's default model on them; (model.pt, summary)."""
+def train_in_place(block_cubes: dict, plan_blocks: list, region_shape: tuple[int, int], channels, dates, workdir, *,
+                   epochs: int, tile_size: int, seed: int = 0, threads=None, device="auto") -> tuple[Path, dict]:
+    """Export the training tiles of every block into ``workdir`` (``block_cubes``: block id -> its read-window
+    cube; :func:`stfuse.tiles.export_block_tiles`), join them into one tile store
+    (:func:`stfuse.tiles.merge_tile_store`: what one export of the whole region writes) and train the
+    workflow's default model on it; (model.pt, summary)."""
     from . import tiles, train
 
     workdir = Path(workdir)
+    params = dict(size=int(tile_size), overlap=0, min_valid_fraction=0.0, block_size=int(tile_size),
+                  val_fraction=0.25, seed=seed)
     try:
-        tiles.export_tiles(cube, channels, dates, workdir / "tiles", size=int(tile_size), overlap=0,
-                           min_valid_fraction=0.0, block_size=int(tile_size), val_fraction=0.25, seed=seed)
+        dirs = []
+        for block in plan_blocks:
+            dirs.append(workdir / "block_tiles" / block.id)
+            tiles.export_block_tiles(block_cubes[block.id], channels, dates, block, *region_shape, dirs[-1],
+                                     **params)
+        tiles.merge_tile_store(dirs, workdir / "tiles", **params)
     except ValueError as exc:
         raise FusionError(f"training in place (tile_size={tile_size}): {exc}") from None
     summary = train.train(workdir / "tiles", workdir / "model", model=MODEL, model_params=MODEL_PARAMS,
@@ -465,22 +562,25 @@ def _drop_strds(tgis, dbif, strds_id: str) -> None:
 def write_outputs(gs, tgis, plan: Plan, dates, filled, flags, *, history: str, overwrite: bool,
                   progress=None) -> tuple[str, str]:
     """Write every filled map and flag map into the current mapset, then register both STRDS; their ids."""
-    from .ingest import _register
+    from .ingest import register_strds
 
     band_lines, flag_lines = [], []
-    for t, d in enumerate(dates):
-        start = pd.Timestamp(d["start_time"]).strftime("%Y-%m-%d %H:%M:%S")  # UTC, as TGIS stores it
+    # one map set per output time (``dates``): observed, every date at its start time
+    entries = plan.outputs or [(t, pd.Timestamp(d["start_time"])) for t, d in enumerate(dates)]
+    for i, (t, when) in enumerate(entries):
+        when = pd.Timestamp(when)
+        label, start = temporal.iso(when), when.strftime("%Y-%m-%d %H:%M:%S")  # UTC, as TGIS stores it
         for b, band in enumerate(plan.bands):
-            name = plan.maps[(t, band)]
+            name = plan.maps[(i, band)]
             grassio.write_map(filled[t, b], name, overwrite=overwrite, history=history,
-                              title=f"{band} {d['start_time']} gap-filled with {plan.sar} by stfuse")
+                              title=f"{band} {label} gap-filled with {plan.sar} by stfuse")
             band_lines.append(f"{name}|{start}|{band}")
-        name = plan.maps[(t, "flag")]
+        name = plan.maps[(i, "flag")]
         grassio.write_map(np.asarray(flags[t], dtype=np.float32), name, overwrite=overwrite, history=history,
-                          title=f"1 = filled by stfuse, {d['start_time']}")
+                          title=f"1 = filled by stfuse, {label}")
         flag_lines.append(f"{name}|{start}|filled")
         if progress:
-            progress(0.8 + 0.2 * (t + 1) / len(dates), None)
+            progress(0.8 + 0.2 * (i + 1) / len(entries), None)
     mapset = gs.gisenv()["MAPSET"]
     saved = os.environ.get("GRASS_OVERWRITE")
     if overwrite:
@@ -494,10 +594,10 @@ def write_outputs(gs, tgis, plan: Plan, dates, filled, flags, *, history: str, o
         dbif.close()
     try:
         with tempfile.TemporaryDirectory(prefix="stfuse_fusion_") as tmp:
-            strds = _register(gs, tgis, plan.output, band_lines, tmp, f"{plan.optical} gap-filled with {plan.sar}",
-                              history)
-            flag = _register(gs, tgis, plan.flag_output, flag_lines, tmp, f"filled-cell flags of {strds}",
-                             "1 where stfuse filled the value. " + history)
+            strds = register_strds(gs, tgis, plan.output, band_lines, tmp,
+                                   f"{plan.optical} gap-filled with {plan.sar}", history)
+            flag = register_strds(gs, tgis, plan.flag_output, flag_lines, tmp, f"filled-cell flags of {strds}",
+                                  "1 where stfuse filled the value. " + history)
     finally:
         if saved is None:
             os.environ.pop("GRASS_OVERWRITE", None)
@@ -522,17 +622,22 @@ def lineage(plan: Plan, model_text: str, command: str | None = None) -> str:
 
 def fill_strds(optical: str, sar: str, output: str, *, flag_output=None, bands=None, sar_bands=None, mask=None,
                mask_band=None, valid_classes=None, max_gap_days: float = 6.0, model=None, save_model=None,
-               epochs: int = 5, tile_size: int = 32, memory_mb: float | None = 4096, workdir=None,
-               overwrite: bool = False, dry_run: bool = False, threads=None, device="auto", seed: int = 0,
-               command: str | None = None, progress=None) -> dict:
+               epochs: int = 5, tile_size: int = 32, memory_mb: float | None = 4096, block_size=None,
+               workdir=None, overwrite: bool = False, dry_run: bool = False, threads=None, device="auto", seed: int = 0,
+               command: str | None = None, progress=None, dates="observed") -> dict:
     """Fill the gaps of STRDS ``optical`` with STRDS ``sar`` into STRDS ``output`` of the current mapset.
 
     Runs in an active GRASS session, over its computational region. ``model``: a checkpoint the workflow
     trained (``results/<study>/main/model/model.pt``); without it a model is trained in place for ``epochs``
     on tiles of ``tile_size`` cells in ``workdir`` (a temporary directory when None, deleted after), and
-    ``save_model`` keeps it. ``progress(fraction, message)`` is told how far the run is. ``dry_run``: checks
-    and pairing only, nothing read beyond one SAR band, nothing written. FusionError for bad input, before
-    anything is written. Returns what was written: STRDS ids, maps, dates, pairing, the model used.
+    ``save_model`` keeps it. ``block_size``: the edge (cells) of the spatial blocks the region is processed in,
+    one at a time (None: one block, the whole region); the maps are the same whatever it is, bit for bit, and
+    ``memory_mb`` bounds one block's need. ``progress(fraction, message)`` is told how far the run is.
+    ``dates``: the start times of the output, ``"observed"`` (the optical dates), a step (an offset alias such as
+    ``"5D"`` or ``"SMS"``, from the first to the last optical UTC day) or dates/times (a comma list or a list, UTC);
+    see :mod:`stfuse.anydate`.
+    ``dry_run``: checks and pairing only, nothing read beyond one SAR band, nothing written. FusionError for bad
+    input, before anything is written. Returns what was written: STRDS ids, maps, dates, pairing, the model used.
     """
     import grass.script as gs
     import grass.temporal as tgis
@@ -546,17 +651,19 @@ def fill_strds(optical: str, sar: str, output: str, *, flag_output=None, bands=N
         plan = plan_fill(gs, tgis, dbif, optical, sar, output, flag_output=flag_output, bands=bands,
                          sar_bands=sar_bands, mask=mask, mask_band=mask_band, valid_classes=valid_classes,
                          model=model, save_model=save_model, tile_size=tile_size, memory_mb=memory_mb,
-                         overwrite=overwrite)
+                         block_size=block_size, overwrite=overwrite, dates=dates)
     finally:
         dbif.close()
     say(0.02, f"{len(plan.opt)} optical dates ({', '.join(plan.bands)}), {len(plan.sar_table)} SAR granules "
-              f"({', '.join(plan.sar_bands)}), region {plan.shape[2]} x {plan.shape[3]}, "
-              f"~{plan.nbytes / 2**20:.1f} MB in memory")
+              f"({', '.join(plan.sar_bands)}), region {plan.shape[2]} x {plan.shape[3]} in {len(plan.blocks)} "
+              f"block(s), ~{plan.nbytes / 2**20:.1f} MB in memory")
     pair_with_sar(plan, max_gap_days)
     for note in plan.notes:
         say(0.05, note)
     result = dict(optical=plan.optical, sar=plan.sar, mask=plan.mask, bands=plan.bands, sar_bands=plan.sar_bands,
                   shape=list(plan.shape), estimated_mb=plan.nbytes / 2**20, pairing=plan.notes[0],
+                  blocks=len(plan.blocks), block_size=max(max(b.rows, b.cols) for b in plan.blocks), halo=plan.halo,
+                  output_times=[temporal.iso(pd.Timestamp(o)) for _, o in plan.outputs],
                   unpaired=[dict(optical_id=r.optical_id, reason=r.reason) for r in plan.unpaired.itertuples()])
     if dry_run:
         return result
@@ -567,30 +674,86 @@ def fill_strds(optical: str, sar: str, output: str, *, flag_output=None, bands=N
         say(0.8, f"writing {len(dates) * (len(plan.bands) + 1)} maps into mapset {gs.gisenv()['MAPSET']}")
         strds, flag_strds = write_outputs(gs, tgis, plan, dates, filled, flags, overwrite=overwrite,
                                           history=lineage(plan, model_text, command), progress=progress)
+        filled_fraction = [float(flags[t].mean()) for t in range(len(dates))]  # before the block files go
     say(1.0, f"registered {strds} and {flag_strds} in {time.perf_counter() - t0:.0f} s")
     result.update(strds=strds, flag_strds=flag_strds, mapset=gs.gisenv()["MAPSET"], model=model_text,
-                  dates=dates, filled_fraction=[float(f.mean()) for f in flags],
+                  dates=dates, filled_fraction=filled_fraction,
                   maps={f"{t}:{k}": v for (t, k), v in plan.maps.items()}, seconds=time.perf_counter() - t0)
     return result
 
 
+def _grass_region(gs) -> dict:
+    """The current computational region as a region dict (the keys :meth:`stfuse.blocks.Block.bounds` reads)."""
+    r = gs.region()
+    return dict(west=float(r["w"]), east=float(r["e"]), north=float(r["n"]), south=float(r["s"]),
+                res_x=float(r["ewres"]), res_y=float(r["nsres"]), rows=int(r["rows"]), cols=int(r["cols"]))
+
+
+def _read_block(gs, groups: dict, plan: Plan, block, region: dict, path: Path) -> np.ndarray:
+    """The cube of ``block``'s read window, read from GRASS into the ``.npy`` file ``path`` (memory-mapped), its
+    validity slot turned into ``valid`` (:func:`derive_validity`). The read window is set for these reads only
+    (``GRASS_REGION`` in this process's environment, which grassio's helpers inherit): the session's region
+    and WIND file are never changed."""
+    shape = (plan.shape[0], plan.shape[1], block.read_rows, block.read_cols)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cube = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+    whole = (block.read_rows, block.read_cols) == (region["rows"], region["cols"])
+    saved = os.environ.get("GRASS_REGION")
+    if not whole:
+        b = block.bounds(region)
+        os.environ["GRASS_REGION"] = gs.region_env(n=repr(b["north"]), s=repr(b["south"]), e=repr(b["east"]),
+                                                   w=repr(b["west"]), rows=b["rows"], cols=b["cols"])
+    try:
+        got = grassio.region_shape()
+        if got != shape[2:]:
+            raise RuntimeError(f"block {block.id}: the GRASS region is {got[0]} x {got[1]} cells, its read window "
+                               f"{block.read_rows} x {block.read_cols}")
+        cube_mod.read_cube(groups, cube)
+    finally:
+        if not whole:
+            if saved is None:
+                os.environ.pop("GRASS_REGION", None)
+            else:
+                os.environ["GRASS_REGION"] = saved
+    derive_validity(cube, plan)
+    cube.flush()
+    return cube
+
+
 def _fill(plan: Plan, tmp, *, model, save_model, epochs, tile_size, threads, device, seed, say):
-    """Read the cube, get a model (load or train), infer: (filled, flags, dates, what the model was)."""
+    """Read the blocks' cubes, get a model (load or train), infer block by block: (filled, flags, dates, what the
+    model was); filled and flags are :class:`stfuse.cube.Mosaic` over the blocks' core files in ``tmp``."""
+    import grass.script as gs
+
     from . import infer
     from .register import file_sha256
+    from .train import load_checkpoint
 
     groups = groups_state(plan)
-    say(0.06, f"reading {plan.shape[0]} dates x {plan.shape[1]} channels from GRASS")
-    cube = cube_mod.read_cube(groups)
-    derive_validity(cube, plan)
     channels = groups["channels"]
-    dates = cube_dates(groups, cube, len(plan.bands))
+    n_dates, _, rows, cols = plan.shape
+    n_bands, tmp = len(plan.bands), Path(tmp)
+    region = _grass_region(gs)
+    if (region["rows"], region["cols"]) != (rows, cols):
+        raise RuntimeError(f"the computational region changed since the plan ({rows} x {cols} cells, now "
+                           f"{region['rows']} x {region['cols']})")
+    cubes, seen, clear = {}, 0, np.zeros(n_dates, dtype=np.int64)
+    for i, block in enumerate(plan.blocks):
+        say(0.06 + 0.04 * i / len(plan.blocks), f"reading {n_dates} dates x {plan.shape[1]} channels from GRASS"
+            + (f", block {block.id} ({i + 1} of {len(plan.blocks)})" if len(plan.blocks) > 1 else ""))
+        cubes[block.id] = _read_block(gs, groups, plan, block, region, tmp / "blocks" / block.id / "cube.npy")
+        valid = blocks_mod.crop_core(cubes[block.id][:, n_bands], block)  # counted over the cores: exact sums
+        seen += int(np.isfinite(valid).any(axis=0).sum())
+        clear += (valid == 1).reshape(n_dates, -1).sum(axis=1)
+    for g, n in zip(groups["groups"], clear):  # as cube_dates: the clear share of the cells observed some date
+        g["clear_fraction"] = float(n / seen) if seen else 0.0
+    dates = cube_mod.cube_dates(groups)
     if model:
         checkpoint, model_text = plan.checkpoint, f"checkpoint {model} sha256 {file_sha256(model)[:16]}"
     else:
         say(0.1, f"training a {MODEL} model in place: {epochs} epoch(s) on {tile_size}-cell tiles")
-        path, summary = train_in_place(cube, channels, dates, tmp, epochs=epochs, tile_size=tile_size, seed=seed,
-                                       threads=threads, device=device)
+        path, summary = train_in_place(cubes, plan.blocks, (rows, cols), channels, dates, tmp, epochs=epochs,
+                                       tile_size=tile_size, seed=seed, threads=threads, device=device)
         if save_model:
             _save_copy(path, save_model)
         checkpoint = str(path)
@@ -598,7 +761,25 @@ def _fill(plan: Plan, tmp, *, model, save_model, epochs, tile_size, threads, dev
         model_text = (f"{MODEL} trained in place, {summary['last_epoch']} epoch(s), best validation loss "
                       + (f"{loss:.4g}" if isinstance(loss, float) else str(loss))
                       + (f", saved as {save_model}" if save_model else ""))
-    say(0.6, "inference over the whole region")
-    out = infer.predict_cube(checkpoint, cube, channels, dates, device=device, threads=threads)
-    del cube
-    return out["filled"], out["filled_flag"], dates, model_text
+    ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
+    files = {"filled": {}, "filled_flag": {}}
+    for i, block in enumerate(plan.blocks):
+        say(0.6 + 0.2 * i / len(plan.blocks), "inference over the whole region" if len(plan.blocks) == 1 else
+            f"inference, block {block.id} ({i + 1} of {len(plan.blocks)})")
+        core = (block.rows, block.cols)
+        shapes = {"filled": ((n_dates, n_bands) + core, np.float32),
+                  "prediction": ((n_dates, n_bands) + core, np.float32),
+                  "filled_flag": ((n_dates,) + core, np.uint8)}
+        paths = {key: tmp / "blocks" / block.id / f"{key}.npy" for key in shapes}
+        out = {key: np.lib.format.open_memmap(paths[key], mode="w+", dtype=dtype, shape=shape)
+               for key, (shape, dtype) in shapes.items()}
+        res = infer.predict_block(ckpt, cubes[block.id], channels, dates, block, rows, cols, batch_size=8,
+                                  device=device, threads=threads, out=out)
+        for arr in out.values():
+            arr.flush()
+        del out, res
+        for key in files:
+            files[key][block.id] = paths[key]
+        cubes[block.id] = None  # this block's cube is no longer needed
+    return (cube_mod.Mosaic(files["filled"], plan.blocks), cube_mod.Mosaic(files["filled_flag"], plan.blocks),
+            dates, model_text)

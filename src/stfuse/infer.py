@@ -40,6 +40,14 @@ Results are in physical units (the normalisation is undone): ``prediction`` ever
 and every optical band finite, :func:`stfuse.tiles.clear_mask`) and takes the prediction
 elsewhere; ``filled_flag`` marks the filled pixels.
 
+Uncertainty: a checkpoint trained with an uncertainty head (its ``uncertainty`` entry,
+:mod:`stfuse.models.uncertainty`) also gives ``std``, the predictive standard deviation of every
+filled cell in physical units (the normalised std times the band's std), 0 where the cell is
+observed (clear: the value is the observation). Overlapping windows blend the *variances* with
+the weights of the mean (a weighted mean of the windows' variances, then the square root), sums
+in the same order, so a block's std is the whole region's bit for bit too. Checkpoints without
+the entry (older ones) or with ``"none"`` give ``std`` None.
+
 Dates without optical help: a date whose neighbours (t-K..t+K) are all absent (ends of the
 series) or fully cloudy, and which is itself fully cloudy, is still filled. The model then sees
 zeros in every optical input, with ``valid@...`` = 0 and ``present@...`` flags saying which
@@ -66,8 +74,9 @@ torch = require_torch(__name__)
 from stfuse.dataset import InputAssembler
 from stfuse.logs import Progress
 from stfuse.models import size_multiple
+from stfuse.models import uncertainty as heads
 from stfuse.prior import PRIOR_KIND, append_prior, prior_layout
-from stfuse.tiles import _check_channels, tile_origins
+from stfuse.tiles import check_cube_channels, tile_origins
 from stfuse.train import (
     check_channels,
     load_checkpoint,
@@ -76,7 +85,7 @@ from stfuse.train import (
     torch_threads,
 )
 
-__all__ = ["predict_cube", "predict_block", "blend_window", "WINDOW_FLOOR"]
+__all__ = ["predict_cube", "predict_block", "blend_window", "checkpoint_assembler", "WINDOW_FLOOR"]
 
 logger = logging.getLogger("stfuse.infer")
 
@@ -97,15 +106,16 @@ def _int_arg(value, name, low):
     return int(value)
 
 
-def _assembler(ckpt: dict, channels, dates) -> InputAssembler:
+def checkpoint_assembler(ckpt: dict, channels, dates) -> InputAssembler:
     """The cube's input assembler; ValueError naming the channels if it does not fit ``ckpt``."""
     stats = {str(c["name"]): {"mean": c["mean"], "std": c["std"]} for c in ckpt["stats"]}
     known = dict(stats)
     for ch in channels:  # placeholder statistics, only to name the cube's input channels
         known.setdefault(str(ch["name"]), {"mean": 0.0, "std": 1.0})
-    names = InputAssembler(channels, dates, known, ckpt["k_neighbours"]).input_channels
+    layout = ckpt.get("input_layout", "stacked")  # a token model's checkpoint says "sequence"
+    names = InputAssembler(channels, dates, known, ckpt["k_neighbours"], layout).input_channels
     check_channels(ckpt, names)
-    return InputAssembler(channels, dates, stats, ckpt["k_neighbours"])
+    return InputAssembler(channels, dates, stats, ckpt["k_neighbours"], layout)
 
 
 def predict_cube(checkpoint, cube, channels, dates, *, tile_size=None, overlap=None,
@@ -138,8 +148,11 @@ def predict_cube(checkpoint, cube, channels, dates, *, tile_size=None, overlap=N
 
     Returns a dict: ``prediction`` float32 (T, B, H, W), the model's optical bands in physical
     units; ``filled`` float32 (T, B, H, W), observed where clear at t, predicted elsewhere;
-    ``filled_flag`` uint8 (T, H, W), 1 where ``filled`` holds a prediction; ``bands`` (the
-    B optical band names), ``tile_size``, ``overlap``, ``n_windows``, ``seconds``.
+    ``filled_flag`` uint8 (T, H, W), 1 where ``filled`` holds a prediction; ``std`` float32
+    (T, B, H, W), the predictive standard deviation in physical units where filled and 0 where
+    observed, or None when the checkpoint has no uncertainty head; ``uncertainty`` (the head,
+    ``"none"`` without); ``bands`` (the B optical band names), ``tile_size``, ``overlap``,
+    ``n_windows``, ``seconds``.
     """
     t_start = time.perf_counter()
     with torch_threads(threads):
@@ -165,8 +178,8 @@ def predict_block(checkpoint, cube, channels, dates, block, region_rows, region_
     :func:`_forward_sizes`) as in the whole-region run, so the cores of a plan pasted together
     (:func:`stfuse.blocks.paste`) are :func:`predict_cube` bit for bit.
 
-    Returns :func:`predict_cube`'s dict, core-sized: ``prediction``, ``filled`` (T, B, rows,
-    cols), ``filled_flag`` (T, rows, cols) (``out``: arrays of those shapes to write into),
+    Returns :func:`predict_cube`'s dict, core-sized: ``prediction``, ``filled`` and ``std`` (T, B,
+    rows, cols), ``filled_flag`` (T, rows, cols) (``out``: arrays of those shapes to write into),
     plus ``windows``, the region (row, col) origins of the windows run. A region smaller than
     one window (NaN-padded by :func:`predict_cube`) must be a single block, the whole region.
     """
@@ -208,6 +221,7 @@ class _Run:
     use_prior: bool
     base_channels: list
     n_work: int  # channels of the working cube (the cube's, then the prior's)
+    head: str = heads.NONE  # the checkpoint's uncertainty head
 
     @property
     def amp(self) -> bool:
@@ -224,7 +238,7 @@ def _check_cube(cube, channels, dates) -> list[dict]:
         raise ValueError(f"cube must be a (T, C, H, W) numpy array, got "
                          f"{getattr(cube, 'shape', type(cube))}")
     n_dates, n_channels = cube.shape[:2]
-    channels = _check_channels(channels, n_channels)
+    channels = check_cube_channels(channels, n_channels)
     if len(dates) != n_dates:
         raise ValueError(f"len(dates) is {len(dates)} but the cube has T={n_dates} dates")
     if any(ch["kind"] == PRIOR_KIND for ch in channels):
@@ -238,7 +252,7 @@ def _prepare(ckpt, channels, dates, *, tile_size, overlap, batch_size, device) -
     use_prior = any(ch.get("kind") == PRIOR_KIND for ch in ckpt["channels"])
     if use_prior:  # the channels append_prior adds (same code as export_tiles)
         channels = [dict(ch) for ch in channels] + prior_layout(channels)
-    assembler = _assembler(ckpt, channels, dates)
+    assembler = checkpoint_assembler(ckpt, channels, dates)
     batch_size = _int_arg(batch_size, "batch_size", 1)
     dev = resolve_device(device)
     model = model_from_checkpoint(ckpt, dev)
@@ -251,19 +265,22 @@ def _prepare(ckpt, channels, dates, *, tile_size, overlap, batch_size, device) -
     if overlap >= size:
         raise ValueError(f"overlap must be < tile_size ({size}), got {overlap}")
     return _Run(assembler, model, dev, size, overlap, batch_size, use_prior, base_channels,
-                len(channels))
+                len(channels), heads.check_head(ckpt.get("uncertainty")))
 
 
-def _outputs(out, n_dates, n_bands, height, width) -> dict:
+def _outputs(out, n_dates, n_bands, height, width, head=heads.NONE) -> dict:
     """The caller's output arrays, checked against the result shapes."""
     if out is None:
         return {}
     want = {"prediction": ((n_dates, n_bands, height, width), np.float32),
             "filled": ((n_dates, n_bands, height, width), np.float32),
             "filled_flag": ((n_dates, height, width), np.uint8)}
+    if head != heads.NONE:
+        want["std"] = ((n_dates, n_bands, height, width), np.float32)
     unknown = set(out) - set(want)
     if unknown:
-        raise ValueError(f"out: unknown keys {sorted(unknown)}; use {sorted(want)}")
+        why = " (std: the checkpoint has no uncertainty head)" if "std" in unknown else ""
+        raise ValueError(f"out: unknown keys {sorted(unknown)}{why}; use {sorted(want)}")
     for key, arr in out.items():
         shape, dtype = want[key]
         if tuple(arr.shape) != shape or arr.dtype != dtype:
@@ -359,8 +376,9 @@ def _blend_weight(origins, size, area) -> np.ndarray:
     return weight
 
 
-def _run_windows(run: _Run, strip_at, origins, sizes, n_dates, acc, area) -> None:
-    """Add every window's blended prediction at every date to ``acc`` (T, B) + ``area``'s shape.
+def _run_windows(run: _Run, strip_at, origins, sizes, n_dates, acc, area, acc_var=None) -> None:
+    """Add every window's blended prediction at every date to ``acc`` (T, B) + ``area``'s shape
+    (and, with an uncertainty head, its blended predictive variance, normalised units, to ``acc_var``).
 
     ``origins`` are row-major, in the coordinates of ``strip_at``; ``area`` = (row0, col0,
     rows, cols) is the part of those coordinates ``acc`` holds (each window is clipped to it;
@@ -388,17 +406,33 @@ def _run_windows(run: _Run, strip_at, origins, sizes, n_dates, acc, area) -> Non
             with torch.autocast(device_type=dev.type, dtype=torch.float16, enabled=run.amp):
                 pred = model(x)
             pred = pred.float().cpu().numpy()
-            for j, (r, c, t) in enumerate(part):
-                (wr, wc), (ar, ac) = _clip(r, c, size, area)
-                acc[t, :, ar, ac] += pred[j][:, wr, wc] * window[wr, wc]
+            if acc_var is None:
+                for j, (r, c, t) in enumerate(part):
+                    (wr, wc), (ar, ac) = _clip(r, c, size, area)
+                    acc[t, :, ar, ac] += pred[j][:, wr, wc] * window[wr, wc]
+            else:
+                n_bands = acc.shape[1]
+                var = _variance(run.head, pred[:, n_bands:])
+                for j, (r, c, t) in enumerate(part):
+                    (wr, wc), (ar, ac) = _clip(r, c, size, area)
+                    acc[t, :, ar, ac] += pred[j][:n_bands, wr, wc] * window[wr, wc]
+                    acc_var[t, :, ar, ac] += var[j][:, wr, wc] * window[wr, wc]
             progress.step(len(part))
 
 
-def _finish(run: _Run, acc, weight, cube, outputs) -> tuple:
+def _variance(head: str, log_scale: np.ndarray) -> np.ndarray:
+    """Predictive variance (normalised units) from the model's log-scale outputs, clamped as in
+    training (:func:`stfuse.models.uncertainty.split`); float32."""
+    ls = np.clip(log_scale, heads.LOG_SCALE_MIN, heads.LOG_SCALE_MAX)
+    return (np.float32(heads.std_factor(head) ** 2) * np.exp(np.float32(2.0) * ls)).astype(np.float32)
+
+
+def _finish(run: _Run, acc, weight, cube, outputs, acc_var=None) -> tuple:
     """Divide ``acc`` by ``weight``, undo the normalisation, fill; one date at a time.
 
     ``cube`` is the cube over the output cells; ``acc`` and ``weight`` hold them in their
-    upper-left corner (the rest is NaN padding). Returns (prediction, filled, flag)."""
+    upper-left corner (the rest is NaN padding); ``acc_var`` likewise the blended variances (an
+    uncertainty head). Returns (prediction, filled, flag, std or None)."""
     assembler = run.assembler
     n_dates, _, height, width = cube.shape
     padded = acc.shape[-2:] != (height, width)
@@ -412,6 +446,11 @@ def _finish(run: _Run, acc, weight, cube, outputs) -> tuple:
     flag = outputs.get("filled_flag")
     if flag is None:
         flag = np.empty((n_dates, height, width), dtype=np.uint8)
+    std_out = None
+    if acc_var is not None:
+        std_out = outputs.get("std")
+        if std_out is None:
+            std_out = np.empty((n_dates, run.n_bands, height, width), dtype=np.float32)
     optical = assembler.optical_indices
     w_region = weight[None, :height, :width]
     for t in range(n_dates):  # one date at a time: no whole-cube temporaries
@@ -425,10 +464,16 @@ def _finish(run: _Run, acc, weight, cube, outputs) -> tuple:
         clear = assembler.clear(cube_t)
         filled[t] = np.where(clear[None], cube_t[optical], pred_t)
         flag[t] = ~clear
-    return prediction, filled, flag
+        if acc_var is not None:
+            var_t = acc_var[t, :, :height, :width]
+            var_t /= w_region
+            sd_t = np.sqrt(var_t)
+            sd_t *= std[:, None, None]
+            std_out[t] = np.where(clear[None], np.float32(0.0), sd_t)  # observed: no uncertainty
+    return prediction, filled, flag, std_out
 
 
-def _result(run: _Run, prediction, filled, flag, n_windows, t_start, what) -> dict:
+def _result(run: _Run, prediction, filled, flag, n_windows, t_start, what, std=None) -> dict:
     n_dates, height, width = flag.shape
     seconds = time.perf_counter() - t_start
     logger.info("%s: %d dates x %d x %d px, %d windows of %d px (overlap %d), "
@@ -439,6 +484,8 @@ def _result(run: _Run, prediction, filled, flag, n_windows, t_start, what) -> di
         "prediction": prediction,
         "filled": filled,
         "filled_flag": flag,
+        "std": std,
+        "uncertainty": run.head,
         "bands": list(run.assembler.target_channels),
         "tile_size": run.size,
         "overlap": run.overlap,
@@ -458,17 +505,18 @@ def _predict_region(run: _Run, cube, dates, out, t_start) -> dict:
     # regions smaller than one window: pad with no data (NaN), crop at the end
     pad_h, pad_w = max(size, height), max(size, width)
     padded = (pad_h, pad_w) != (height, width)
-    outputs = _outputs(out, n_dates, run.n_bands, height, width)
+    outputs = _outputs(out, n_dates, run.n_bands, height, width, run.head)
     origins = tile_origins(pad_h, pad_w, size, overlap=run.overlap)
     area = (0, 0, pad_h, pad_w)
     weight = _blend_weight(origins, size, area)
     sizes = _forward_sizes(len(origins) * n_dates, run.batch_size, range(len(origins) * n_dates))
     acc = np.zeros((n_dates, run.n_bands, pad_h, pad_w), dtype=np.float32)
+    acc_var = np.zeros_like(acc) if run.head != heads.NONE else None
     strip_at = _strip_reader(run, cube, dates, pad_w if padded else None)
-    _run_windows(run, strip_at, origins, sizes, n_dates, acc, area)
-    prediction, filled, flag = _finish(run, acc, weight, cube, outputs)
-    del acc
-    return _result(run, prediction, filled, flag, len(origins), t_start, "predict_cube")
+    _run_windows(run, strip_at, origins, sizes, n_dates, acc, area, acc_var)
+    prediction, filled, flag, std = _finish(run, acc, weight, cube, outputs, acc_var)
+    del acc, acc_var
+    return _result(run, prediction, filled, flag, len(origins), t_start, "predict_cube", std)
 
 
 def _block_windows(run: _Run, block, region_rows, region_cols):
@@ -502,12 +550,13 @@ def _predict_core(run: _Run, cube, dates, block, region_rows, region_cols, out, 
     local = [(r - block.read_row0, c - block.read_col0) for r, c in origins]  # read-window coords
     area = (block.core_row_offset, block.core_col_offset, block.rows, block.cols)
     weight = _blend_weight(local, run.size, area)
-    outputs = _outputs(out, n_dates, run.n_bands, block.rows, block.cols)
+    outputs = _outputs(out, n_dates, run.n_bands, block.rows, block.cols, run.head)
     acc = np.zeros((n_dates, run.n_bands, block.rows, block.cols), dtype=np.float32)
-    _run_windows(run, _strip_reader(run, cube, dates), local, sizes, n_dates, acc, area)
+    acc_var = np.zeros_like(acc) if run.head != heads.NONE else None
+    _run_windows(run, _strip_reader(run, cube, dates), local, sizes, n_dates, acc, area, acc_var)
     core = cube[:, :, area[0]:area[0] + block.rows, area[1]:area[1] + block.cols]
-    prediction, filled, flag = _finish(run, acc, weight, core, outputs)
-    del acc
-    res = _result(run, prediction, filled, flag, len(origins), t_start, f"predict_block {block.id}")
+    prediction, filled, flag, std = _finish(run, acc, weight, core, outputs, acc_var)
+    del acc, acc_var
+    res = _result(run, prediction, filled, flag, len(origins), t_start, f"predict_block {block.id}", std)
     res["windows"] = [list(o) for o in origins]
     return res

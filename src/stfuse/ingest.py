@@ -135,17 +135,17 @@ def import_sensor(gs, rows: pd.DataFrame, grid: Grid, sensor: str, spec: dict, *
         log.info("%s: imported %d maps in %.1f s", sensor, len(register_lines), time.perf_counter() - t0)
         gs.run_command("g.rename", raster=",".join(renames), quiet=True)
 
-        strds = _register(gs, tgis, sensor, register_lines, tmp,
+        strds = register_strds(gs, tgis, sensor, register_lines, tmp,
                           title or f"{sensor} ({spec['role']})", f"stfuse ingest of {sensor}, bands {', '.join(bands)}")
         dates = sorted(rows.start_time.unique())
         valid_strds = None
         if spec["role"] == "optical":  # with or without a mask band: every optical sensor gets its validity
-            valid_strds = _derive_validity(gs, tgis, sensor, spec, dates, names, tmp)
+            valid_strds = derive_validity_strds(gs, tgis, sensor, spec, dates, names, tmp)
     log.info("%s: %d maps, %d dates registered in %.1f s", sensor, len(register_lines), len(dates),
              time.perf_counter() - t0)
     granules = []
     for when in dates:
-        g = {"start_time": _iso(when), "maps": {b: f"{names[(when, b)]}@{mapset}" for b in spec["bands"]}}
+        g = {"start_time": iso_utc(when), "maps": {b: f"{names[(when, b)]}@{mapset}" for b in spec["bands"]}}
         if mask_band:
             g["mask_band"] = f"{names[(when, mask_band)]}@{mapset}"
         if valid_strds:
@@ -155,7 +155,8 @@ def import_sensor(gs, rows: pd.DataFrame, grid: Grid, sensor: str, spec: dict, *
                 bands=list(spec["bands"]), mask_band=mask_band, region=grid_dict(grid), granules=granules)
 
 
-def _iso(when: pd.Timestamp) -> str:
+def iso_utc(when: pd.Timestamp) -> str:
+    """A tz-aware time as manifests write it: ISO 8601 in UTC, to the second, with ``Z``."""
     return when.tz_convert("UTC").strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
@@ -184,7 +185,11 @@ def _tgis_version_cached():
         md.get_tgis_db_version_from_metadata = original
 
 
-def _register(gs, tgis, name, lines, tmp, title, description) -> str:
+def register_strds(gs, tgis, name, lines, tmp, title, description) -> str:
+    """Create the absolute-time STRDS ``name`` in the current mapset and register maps of that mapset in it, in
+    process (no t.create / t.register start-up). ``lines``: ``map|start time|semantic label`` (t.register's
+    file format; map names without @mapset); ``tmp``: a folder for the registration file. Refuses a STRDS that
+    already exists (RuntimeError). Returns its id ``name@mapset``."""
     mapset = gs.gisenv()["MAPSET"]
     reg = Path(tmp) / f"{name}.txt"
     # Fully qualified names: t.register otherwise runs one g.findfile process per map (~48 ms each).
@@ -208,8 +213,10 @@ def _register(gs, tgis, name, lines, tmp, title, description) -> str:
     return strds_id
 
 
-def _derive_validity(gs, tgis, sensor, spec, dates, names, tmp) -> str:
-    """The validity STRDS `<sensor>_valid`, one map per date.
+def derive_validity_strds(gs, tgis, sensor, spec, dates, names, tmp) -> str:
+    """The validity STRDS `<sensor>_valid`, one map per date, made in the current mapset from the sensor's
+    imported maps (``names``: {(date, band): map id}; ``spec``: the sensor's config section; ``tmp``: a
+    folder for the r.mapcalc and registration files); returns its id.
 
     With a mask band: 1 where the class is clear and every band has data, 0 elsewhere, null where the mask
     has no class (no data). Without one (``mask: null`` or absent; nodata is the product's only mask): 1
@@ -237,7 +244,7 @@ def _derive_validity(gs, tgis, sensor, spec, dates, names, tmp) -> str:
     gs.run_command("r.mapcalc", file=str(expr_file), quiet=True)
     what = (f"1 = clear ({mask['band']} in {classes}) with data in every band, 0 = not clear" if mask else
             "1 = data in every band (no mask band: nodata is the only mask), 0 = in some bands only, null = none")
-    return _register(gs, tgis, valid_strds_name(sensor), lines, tmp, f"{sensor} validity", what)
+    return register_strds(gs, tgis, valid_strds_name(sensor), lines, tmp, f"{sensor} validity", what)
 
 
 def write_state(state: dict, path: str | Path) -> None:
@@ -277,7 +284,7 @@ def prepare_project(manifest_path, sensors: dict, region: dict, project_dir, che
     (project_dir / PROJECT_MARKER).write_text(json.dumps(dict(made_by="stfuse", study=study)) + "\n")
     with grass.session(project_dir) as gs:
         set_region(gs, grid, default=True)
-    out = df.assign(start_time=[_iso(t) for t in df.start_time],
+    out = df.assign(start_time=[iso_utc(t) for t in df.start_time],
                     file_nodata=["none" if v is None else repr(float(v)) for v in df.file_nodata])
     Path(checked_csv).parent.mkdir(parents=True, exist_ok=True)
     out.to_csv(checked_csv, index=False)

@@ -23,6 +23,7 @@ from skimage.metrics import structural_similarity
 from stfuse.baselines import days_since_start
 
 __all__ = [
+    "CALIBRATION_MULTIPLES",
     "CLOUD_BINS",
     "GAP_BINS",
     "METRICS",
@@ -31,6 +32,9 @@ __all__ = [
     "SSIM_WIN",
     "ScoreSums",
     "apply_donors",
+    "calibration",
+    "calibration_from_totals",
+    "calibration_parts",
     "clear_fraction",
     "days_to_nearest_valid",
     "mae",
@@ -677,3 +681,77 @@ def score(truth, pred, hidden, bands, *, data_range: float = 1.0, gap_days=None,
     return merge_scores([partial_scores(truth, pred, hidden, bands, data_range=data_range,
                                         gap_days=gap_days, cloud_fraction=cloud_fraction,
                                         gap_bins=gap_bins, cloud_bins=cloud_bins)])
+
+
+# --------------------------------------------------------------------------------------------
+# calibration of a predictive standard deviation
+# --------------------------------------------------------------------------------------------
+
+#: sigma multiples k at which :func:`calibration_parts` counts the truth inside prediction +- k std
+#: (1 and 2 are the ones reported; the others draw the reliability curve)
+CALIBRATION_MULTIPLES = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
+_CAL_N, _CAL_WITHIN = "cal_n", "cal_within_"
+
+
+def calibration_parts(truth, pred, std, hidden, bands, *, core=None,
+                      multiples=CALIBRATION_MULTIPLES) -> pd.DataFrame:
+    """Counts for the calibration of a predictive standard deviation over the hidden pixels of a
+    block's core, in :func:`partial_scores`' columns (so they travel and merge with them).
+
+    ``truth``, ``pred``, ``std``: (T, B, H, W); ``hidden`` (T, H, W) bool; ``core`` as in
+    :func:`partial_scores`. Evaluated pixels: those :func:`partial_scores` scores (hidden, truth
+    and prediction finite in every band) whose std is finite in every band. Rows (gap_bin and
+    cloud_bin ``'all'``, date -1): ``cal_n`` (band ``'all'``: evaluated pixels) and, per band and
+    multiple k, ``cal_within_<k>``: pixels with ``|truth - pred| <= k * std``. Integer counts, so
+    their sum over blocks is exact whatever the layout (:func:`calibration_from_totals`)."""
+    truth = np.asarray(truth, dtype=np.float64)
+    pred = np.asarray(pred, dtype=np.float64)
+    std = np.asarray(std, dtype=np.float64)
+    hidden = np.asarray(hidden, dtype=bool)
+    bands = [str(b) for b in bands]
+    if truth.ndim != 4 or truth.shape != pred.shape or truth.shape != std.shape:
+        raise ValueError(f"truth, pred and std must be (T, B, H, W) of one shape, got {truth.shape}, "
+                         f"{pred.shape}, {std.shape}")
+    t, nb, h, w = truth.shape
+    if hidden.shape != (t, h, w):
+        raise ValueError(f"hidden must be {(t, h, w)}, got {hidden.shape}")
+    if len(bands) != nb:
+        raise ValueError(f"{len(bands)} band names for {nb} bands")
+    rs, cs = _core_slices((h, w), core)
+    ok = hidden & np.isfinite(truth).all(axis=1) & np.isfinite(pred).all(axis=1) & np.isfinite(std).all(axis=1)
+    ti, ri, ci = np.nonzero(ok[:, rs, cs])
+    tc, pc, sc = (a[:, :, rs, cs][ti, :, ri, ci] for a in (truth, pred, std))  # (n, B)
+    err = np.abs(tc - pc)
+    rows = [(ALL, ALL, ALL, -1, _CAL_N, float(ti.size))]
+    for k in multiples:
+        inside = (err <= float(k) * sc).sum(axis=0)
+        rows += [(name, ALL, ALL, -1, f"{_CAL_WITHIN}{float(k):g}", float(inside[b])) for b, name in enumerate(bands)]
+    return pd.DataFrame(rows, columns=list(PART_COLUMNS))
+
+
+def calibration_from_totals(totals: dict) -> dict | None:
+    """The calibration of the counts of :func:`calibration_parts`, summed (e.g.
+    :meth:`ScoreSums.totals` of the blocks' parts): ``n`` (evaluated pixels), ``multiples``,
+    ``bands``, ``observed`` {band or ``'all'``: share of pixels within k std, per multiple;
+    ``'all'`` pools the bands}. None when the totals hold no calibration counts."""
+    n_key = (ALL, ALL, ALL, -1, _CAL_N)
+    if n_key not in totals:
+        return None
+    n = int(totals[n_key])
+    counts: dict[str, dict[float, float]] = {}
+    for (band, _, _, _, part), value in totals.items():
+        if part.startswith(_CAL_WITHIN):
+            counts.setdefault(band, {})[float(part[len(_CAL_WITHIN):])] = value
+    bands = list(counts)
+    multiples = sorted({k for c in counts.values() for k in c})
+    observed = {b: [counts[b].get(k, 0.0) / n if n else float("nan") for k in multiples] for b in bands}
+    observed[ALL] = [sum(counts[b].get(k, 0.0) for b in bands) / (n * len(bands)) if n and bands else float("nan")
+                     for k in multiples]
+    return {"n": n, "multiples": multiples, "bands": bands, "observed": observed}
+
+
+def calibration(truth, pred, std, hidden, bands, *, multiples=CALIBRATION_MULTIPLES) -> dict:
+    """:func:`calibration_from_totals` of a whole region (:func:`calibration_parts` of all of it)."""
+    part = calibration_parts(truth, pred, std, hidden, bands, multiples=multiples)
+    totals = {tuple(r[:5]): float(r[5]) for r in part.itertuples(index=False)}
+    return calibration_from_totals(totals)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from stfuse.tiles import _check_dates, channel_indices, clear_mask
+from stfuse.tiles import channel_indices, check_cube_dates, clear_mask
 
 __all__ = ["temporal_prior", "prior_channels", "append_prior", "has_prior", "prior_layout",
            "PRIOR_KIND", "PRESENT_NAME", "PRIOR_SUFFIX"]
@@ -97,7 +97,7 @@ def temporal_prior(cube, channels, dates, *, out=None) -> tuple[np.ndarray, np.n
         raise ValueError("channels must hold exactly one 'valid' and at least one 'optical' "
                          "channel")
     vi, opt = idx["valid"][0], idx["optical"]
-    days = np.array([d["offset_days"] for d in _check_dates(list(dates), n_dates)],
+    days = np.array([d["offset_days"] for d in check_cube_dates(list(dates), n_dates)],
                     dtype=np.float64)
 
     clear = np.empty((n_dates, height, width), dtype=bool)

@@ -352,12 +352,12 @@ def compute_stats(series: StrdsSeries, *, prior: bool = True, pixel_mask=None, p
     entries = tiles.channel_stats(_RegionDates(series), series.channels, mask)
     if prior:
         entries += tiles.prior_stats(entries, prior_layout(series.channels))
-    doc = tiles._stats_doc(0, int(mask.sum()), entries)
+    doc = tiles.stats_document(0, int(mask.sum()), entries)
     doc.update(computed_on="region" if pixel_mask is None else "pixel_mask",
                strds=list(series.strds), note="each cell of the mask counted once per date; NaN ignored; optical "
                "bands only where valid == 1 and all bands finite; <band>_prior channels: the statistics of their band")
     if path is not None:
-        tiles._write_json(path, doc)
+        tiles.write_json(path, doc)
     return doc
 
 
@@ -374,7 +374,7 @@ def _clear_fractions(series: StrdsSeries, origins: np.ndarray, size: int) -> np.
     for lo in range(0, n_dates, step):
         dates = list(range(lo, min(n_dates, lo + step)))
         chunk = series.read(dates, sub)
-        counts[:, lo:lo + len(dates)] = tiles._tile_clear_counts(chunk, origins, size, series.channels[:n_opt + 1])
+        counts[:, lo:lo + len(dates)] = tiles.tile_clear_counts(chunk, origins, size, series.channels[:n_opt + 1])
     return (counts / float(size * size)).astype(np.float32)
 
 

@@ -10,7 +10,9 @@ it over together with one dict per channel and one dict per date:
     ``optical`` channel; names are unique.
 ``dates``
     ``{"start_time": "2021-04-03T10:36:12Z", "optical_id": ..., "sar_id": ... | None,
-    "sar_gap_days": float | None, "clear_fraction": float}``, in time order.
+    "sar_gap_days": float | None, "clear_fraction": float}``, in time order. Query dates
+    (``"query": true``, :mod:`stfuse.anydate`) are dropped before anything is tiled or counted
+    (:func:`observed_only`).
 
 NaN means no data everywhere. A (date, pixel) cell is *clear* when its ``valid`` value is 1
 and all its optical bands are finite (:func:`clear_mask`).
@@ -85,6 +87,7 @@ __all__ = [
     "tile_origins",
     "block_split",
     "clear_mask",
+    "observed_only",
     "channel_stats",
     "prior_stats",
     "export_tiles",
@@ -92,6 +95,11 @@ __all__ = [
     "merge_tile_store",
     "load_tiles",
     "reassemble",
+    "check_cube_channels",
+    "check_cube_dates",
+    "tile_clear_counts",
+    "stats_document",
+    "write_json",
 ]
 
 logger = logging.getLogger("stfuse.tiles")
@@ -299,7 +307,11 @@ def block_split(origins, size, block_size, val_fraction, seed) -> list[str]:
 # --------------------------------------------------------------------------------------------
 # channel bookkeeping
 
-def _check_channels(channels, n_channels: int) -> list[dict]:
+def check_cube_channels(channels, n_channels: int) -> list[dict]:
+    """The channel list of a (T, C, H, W) cube with ``n_channels`` channels, checked and copied: a dict with
+    ``name`` and a ``kind`` of :data:`KINDS` each, names unique, exactly one ``valid`` channel, at least one
+    ``optical``, prior channels last as :func:`stfuse.prior.prior_layout` makes them (ValueError naming the
+    entry at fault)."""
     if not isinstance(channels, (list, tuple)):
         raise ValueError("channels must be a list of dicts")
     if len(channels) != n_channels:
@@ -358,7 +370,9 @@ def _parse_time(value, i: int) -> pd.Timestamp:
     return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
 
 
-def _check_dates(dates, n_dates: int) -> list[dict]:
+def check_cube_dates(dates, n_dates: int) -> list[dict]:
+    """The date list of a cube with ``n_dates`` dates, checked (a dict with a ``start_time`` each, in time order;
+    ValueError naming the entry at fault) and copied as JSON with ``offset_days`` from the first date (UTC)."""
     if not isinstance(dates, (list, tuple)):
         raise ValueError("dates must be a list of dicts")
     if len(dates) != n_dates:
@@ -477,20 +491,65 @@ def prior_stats(stats, prior_channels) -> list[dict]:
 # --------------------------------------------------------------------------------------------
 # export / load / reassemble
 
+class _ObservedDates:
+    """The dates ``keep`` (ascending indices) of a (T, C, H, W) array, read lazily: ``view[t]`` and
+    ``view[:, :, rows, cols]`` read those dates from ``base`` only (a memmap stays a memmap), so dropping the
+    query dates costs no copy of the cube."""
+
+    def __init__(self, base, keep):
+        self.base, self.keep = base, np.asarray(keep, dtype=np.int64)
+        self.shape = (len(self.keep),) + tuple(base.shape[1:])
+        self.dtype, self.ndim = base.dtype, base.ndim
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key):
+        key = key if isinstance(key, tuple) else (key,)
+        first = key[0]
+        if isinstance(first, (int, np.integer)):
+            return self.base[(int(self.keep[first]),) + key[1:]]
+        return np.asarray(self.base[(self.keep[first],) + key[1:]])
+
+    def __array__(self, dtype=None, copy=None):
+        out = np.asarray(self.base[self.keep])
+        return out if dtype is None else out.astype(dtype)
+
+
+def observed_only(cube, dates):
+    """``cube`` and ``dates`` without the query dates (``"query": true``: no optical acquisition, a date
+    config infer.dates asked for, :mod:`stfuse.anydate`), and every date without its ``query``/``outputs``
+    keys: training tiles and statistics are then those of the observed series, whatever infer.dates is.
+    Unchanged (the same objects) when no date is a query date and none has those keys."""
+    if not isinstance(dates, (list, tuple)) or not any(isinstance(d, dict) and ("query" in d or "outputs" in d)
+                                                        for d in dates):
+        return cube, dates
+    if len(dates) != cube.shape[0]:
+        raise ValueError(f"len(dates) is {len(dates)} but the cube has T={cube.shape[0]} dates (axis 0)")
+    keep = [t for t, d in enumerate(dates) if not d.get("query")]
+    if not keep:
+        raise ValueError(f"every one of the {len(dates)} dates is a query date (no optical acquisition): "
+                         "there is nothing to train on")
+    stripped = [{k: v for k, v in dates[t].items() if k not in ("query", "outputs")} for t in keep]
+    return (cube if len(keep) == len(dates) else _ObservedDates(cube, keep)), stripped
+
+
 def _check_export_args(cube, channels, dates, prior, min_valid_fraction, region):
-    """Checked (cube float32 (T, C, H, W), channels, dates with offset_days, min_valid_fraction)."""
+    """Checked (cube float32 (T, C, H, W), channels, dates with offset_days, min_valid_fraction); query dates
+    dropped (:func:`observed_only`)."""
     if not hasattr(cube, "shape") or not hasattr(cube, "dtype"):
         cube = np.asarray(cube)
     if cube.ndim != 4:
         raise ValueError(f"cube must have 4 dimensions (T, C, H, W), got shape {cube.shape}")
+    cube, dates = observed_only(cube, dates)
     if cube.dtype != np.float32:
         cube = np.asarray(cube).astype(np.float32)
     n_dates, n_channels = cube.shape[:2]
     if n_dates < 1 or n_channels < 1:
         raise ValueError("cube must have at least one date and one channel, "
                          f"got shape {cube.shape}")
-    channels = _check_channels(channels, n_channels)
-    dates = _check_dates(dates, n_dates)
+    channels = check_cube_channels(channels, n_channels)
+    dates = check_cube_dates(dates, n_dates)
     if not isinstance(prior, bool):
         raise ValueError(f"prior must be True or False, got {prior!r}")
     if any(ch["kind"] == "prior" for ch in channels):
@@ -510,7 +569,7 @@ def _extra_channels(channels, prior: bool) -> list[dict]:
     return prior_layout(channels)
 
 
-def _tile_clear_counts(cube, origins: np.ndarray, size: int, channels) -> np.ndarray:
+def tile_clear_counts(cube, origins: np.ndarray, size: int, channels) -> np.ndarray:
     """Clear (date, pixel) counts (N, T) int64 of the tiles at ``origins`` (N, 2) of ``cube``.
 
     A summed-area table per date: four look-ups per tile instead of a slice count.
@@ -610,8 +669,9 @@ def _export_meta(all_channels, dates, *, size, overlap, height, width, prior, bl
     }
 
 
-def _stats_doc(n_train: int, n_pixels: int, entries: list[dict]) -> dict:
-    """The ``stats.json`` document."""
+def stats_document(n_train: int, n_pixels: int, entries: list[dict]) -> dict:
+    """The ``stats.json`` document: per-channel statistics ``entries`` over ``n_pixels`` pixels of ``n_train``
+    train tiles, with the format version, the std floor and a note on what was counted."""
     return {
         "format_version": FORMAT_VERSION,
         "computed_on": "train",
@@ -625,7 +685,8 @@ def _stats_doc(n_train: int, n_pixels: int, entries: list[dict]) -> dict:
     }
 
 
-def _write_json(path, doc) -> None:
+def write_json(path, doc) -> None:
+    """``doc`` as a tile store's JSON files are written: indented, and refusing NaN (ValueError: not JSON)."""
     Path(path).write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
 
 
@@ -666,7 +727,7 @@ def export_tiles(cube, channels, dates, out_dir, *, size, overlap, min_valid_fra
     origins = np.asarray(tile_origins(height, width, size, overlap), dtype=np.int64)
     size, overlap = int(size), int(overlap)
     split = np.asarray(block_split(origins, size, block_size, val_fraction, seed), dtype=object)
-    clear_frac = _tile_clear_counts(cube, origins, size, channels) / float(size * size)
+    clear_frac = tile_clear_counts(cube, origins, size, channels) / float(size * size)
     valid_fraction = clear_frac.mean(axis=1)
 
     low = valid_fraction < min_valid_fraction
@@ -696,7 +757,7 @@ def export_tiles(cube, channels, dates, out_dir, *, size, overlap, min_valid_fra
             tmp[INDEX_FILE], index=False, lineterminator="\n")
         with open(tmp[CLEAR_FILE], "wb") as fh:
             np.save(fh, clear_frac[kept].astype(np.float32))
-        _write_json(tmp[CHANNELS_FILE], _export_meta(
+        write_json(tmp[CHANNELS_FILE], _export_meta(
             channels + extra_channels, dates, size=size, overlap=overlap, height=height,
             width=width, prior=prior, block_size=block_size, val_fraction=val_fraction, seed=seed,
             min_valid_fraction=min_valid_fraction, n_train=n_train, n_val=n_val, region=region))
@@ -704,7 +765,7 @@ def export_tiles(cube, channels, dates, out_dir, *, size, overlap, min_valid_fra
         for r, c in origins[kept[split[kept] == "train"]]:
             train_mask[r:r + size, c:c + size] = True
         base_stats = channel_stats(cube, channels, train_mask)
-        _write_json(tmp[STATS_FILE], _stats_doc(n_train, int(train_mask.sum()), base_stats
+        write_json(tmp[STATS_FILE], stats_document(n_train, int(train_mask.sum()), base_stats
                                                 + prior_stats(base_stats, extra_channels)))
         _publish(tmp, out)
     finally:
@@ -831,7 +892,7 @@ def export_block_tiles(cube, channels, dates, block, region_rows, region_cols, o
     if len(local) and (local.min() < 0 or (local[:, 0] + size).max() > block.read_rows
                        or (local[:, 1] + size).max() > block.read_cols):
         raise ValueError(f"block {block.id}: a tile touching its core leaves its read window")
-    clear_frac = _tile_clear_counts(cube, local, size, channels) / float(size * size)
+    clear_frac = tile_clear_counts(cube, local, size, channels) / float(size * size)
     valid_fraction = clear_frac.mean(axis=1)
     split, low = split[touch], valid_fraction < min_valid_fraction
     keep = (split != "gap") & ~low
@@ -862,7 +923,7 @@ def export_block_tiles(cube, channels, dates, block, region_rows, region_cols, o
             np.savez(fh, **_block_moments(cube, channels, block, mask))
         doc.update(sha256=f"sha256:{digest}", bytes=int(nbytes),
                    tiles_shape=[len(mine), len(dates), len(doc["channels"]), size, size])
-        _write_json(tmp[BLOCK_FILE], doc)
+        write_json(tmp[BLOCK_FILE], doc)
         _publish(tmp, out)
     finally:
         _cleanup(tmp)
@@ -1023,8 +1084,8 @@ def merge_tile_store(block_tile_dirs, out_dir, *, size, overlap, min_valid_fract
         index.to_csv(tmp[INDEX_FILE], index=False, lineterminator="\n")
         with open(tmp[CLEAR_FILE], "wb") as fh:
             np.save(fh, clear.astype(np.float32))
-        _write_json(tmp[CHANNELS_FILE], meta)
-        _write_json(tmp[STATS_FILE], _stats_doc(total["n_train"], total["n_pixels"], entries))
+        write_json(tmp[CHANNELS_FILE], meta)
+        write_json(tmp[STATS_FILE], stats_document(total["n_train"], total["n_pixels"], entries))
         _publish(tmp, out)
     finally:
         _cleanup(tmp)

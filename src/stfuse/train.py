@@ -88,7 +88,9 @@ oldest reader that understands it), ``kind`` ("best" | "last"),
 ``config``: the settings compared on resume), ``residual`` (None, or ``{"prior_indices": [...],
 "present_index": i}``: the model is :class:`stfuse.models.ResidualOnPrior` around the registered
 model, whose ``state_dict`` keys then start with ``net.``; checkpoints without the key are plain
-models); ``last.pt`` adds ``optimizer``, ``scaler``
+models), ``uncertainty`` (``"none"``, ``"laplace"`` or ``"gaussian"``, :mod:`stfuse.models.uncertainty`;
+absent in older checkpoints: none; ``out_channels`` stays the number of bands B, the network then outputs
+2B: values and log-scales); ``last.pt`` adds ``optimizer``, ``scaler``
 (None without AMP), ``rng`` (``torch`` uint8 tensor, ``cuda`` list of tensors, ``numpy``
 dict with the MT19937 key as an int64 tensor, ``python`` list), ``epochs_since_best``,
 ``stopped`` (None | "epochs" | "early_stopping" | "max_minutes") and ``best_checkpoint`` (what
@@ -96,6 +98,12 @@ dict with the MT19937 key as an int64 tensor, ``python`` list), ``epochs_since_b
 a resumed run rewrites a missing ``model.pt`` from it, e.g. after a workflow manager deleted the
 outputs of a killed job -- with a residual model that starts from the prior, later epochs may
 never improve on the best one).
+
+Transfer: ``init_from`` fine-tunes another run's checkpoint (its weights loaded before the first
+epoch, :func:`load_init`; its SHA-256 in ``config["init_from"]``, its path in
+``config["init_from_path"]``); :func:`adopt_checkpoint` makes a study use a checkpoint without
+training (its ``model.pt`` is a copy plus ``adopted_from``: ``path``, ``sha256`` and the
+source's own ``adopted_from``).
 """
 
 from __future__ import annotations
@@ -122,10 +130,12 @@ from torch.utils.data import DataLoader, Subset
 
 import stfuse
 from stfuse.dataset import DT_SCALE_DAYS, GapFillDataset
-from stfuse.models import ResidualOnPrior, build_model, size_multiple, zero_init_output
+from stfuse.models import ResidualOnPrior, build_model, input_layout, size_multiple, zero_init_output
+from stfuse.models import uncertainty as heads
 from stfuse.tiles import BLOCK_FILE, CHANNELS_FILE, CLEAR_FILE, INDEX_FILE, STATS_FILE, TILES_FILE
 
 __all__ = ["train", "load_checkpoint", "check_channels", "model_from_checkpoint", "build_network",
+           "load_init", "adopt_checkpoint", "channel_mismatch",
            "resolve_device", "torch_threads", "fingerprint", "atomic_write", "CHECKPOINT_FORMAT"]
 
 logger = logging.getLogger("stfuse.train")
@@ -147,7 +157,8 @@ OUTPUT_FILES = (MODEL_FILE, LAST_FILE, HISTORY_FILE, PLOT_FILE)
 RESUME_KEYS = ("model", "model_params", "batch_size", "lr", "k_neighbours",
                "extra_mask_fraction", "seed", "samples_per_epoch")
 #: settings of ``config`` that do not change the result: they may differ when resuming
-RESUME_FREE_KEYS = ("tiles_dir", "epochs", "patience", "max_minutes", "num_workers")
+RESUME_FREE_KEYS = ("tiles_dir", "epochs", "patience", "max_minutes", "num_workers",
+                    "init_from_path")  # the init file counts by its content (init_from: its sha256)
 #: the export's files that training reads: their contents go into the resume fingerprint
 DATA_FILES = (TILES_FILE, INDEX_FILE, CLEAR_FILE, CHANNELS_FILE, STATS_FILE)
 #: a tile store's own files (its tiles stay in the blocks' tiles.npy: stfuse.tiles.merge_tile_store)
@@ -381,19 +392,35 @@ def _residual_spec(value) -> dict | None:
 
 
 def build_network(model: str, in_channels: int, out_channels: int, params: dict,
-                  residual: dict | None, init: bool = False) -> torch.nn.Module:
+                  residual: dict | None, init: bool = False, tokens: dict | None = None,
+                  uncertainty: str | None = "none", log_scale0: float | None = None) -> torch.nn.Module:
     """The registered model, wrapped in :class:`ResidualOnPrior` when ``residual`` is given.
 
     ``init=True`` (a fresh model to train): the output layer of the wrapped model is zeroed, so
-    the model starts out predicting the prior.
+    the model starts out predicting the prior. ``tokens``: the token layout a ``"sequence"``
+    model is built with (:meth:`stfuse.dataset.InputAssembler.token_layout`).
+
+    ``uncertainty`` (:mod:`stfuse.models.uncertainty`; None = ``"none"``): with a scale head the
+    registered model is built with 2 x ``out_channels`` outputs (``out_channels`` is the number of
+    bands B), the residual wrapper adds the prior to the first B only, and with ``init=True`` the
+    zeroed output layer's log-scale biases are set to ``log_scale0`` (when given), so training
+    starts at that scale.
     """
-    net = build_model(model, in_channels, out_channels, **dict(params))
+    if input_layout(model) == "sequence":
+        if tokens is None:
+            raise ValueError(f"model {model!r} reads the sequence input layout: it needs its token layout "
+                             "(the checkpoint's 'token_layout')")
+        params = {**dict(params), "tokens": tokens}
+    head = heads.check_head(uncertainty)
+    n_out = heads.output_channels(out_channels, head)
+    net = build_model(model, in_channels, n_out, **dict(params))
     spec = _residual_spec(residual)
     if spec is None:
         return net
-    if init:
-        zero_init_output(net, out_channels)
-    return ResidualOnPrior(net, spec["prior_indices"], spec["present_index"])
+    if init and zero_init_output(net, n_out) and head != heads.NONE and log_scale0 is not None:
+        heads.init_log_scale(net, out_channels, log_scale0)
+    return ResidualOnPrior(net, spec["prior_indices"], spec["present_index"],
+                           extra_channels=n_out - out_channels)
 
 
 def model_from_checkpoint(ckpt: dict, device=None) -> torch.nn.Module:
@@ -403,24 +430,244 @@ def model_from_checkpoint(ckpt: dict, device=None) -> torch.nn.Module:
     model; older ones (no entry) the registered model itself.
     """
     model = build_network(ckpt["model"], ckpt["in_channels"], ckpt["out_channels"],
-                          ckpt["model_params"], ckpt.get("residual"))
+                          ckpt["model_params"], ckpt.get("residual"), tokens=ckpt.get("token_layout"),
+                          uncertainty=ckpt.get("uncertainty"))
     model.load_state_dict(ckpt["state_dict"])
     model.eval()
     model.to(device if device is not None else "cpu", memory_format=torch.channels_last)
     return model
 
 
+
+# --------------------------------------------------------------------------------------------
+# transfer: fine-tuning from a checkpoint (``init_from``), adopting one without training
+
+#: keys of a "last" checkpoint that only resuming needs (not copied when a study adopts it)
+_LAST_ONLY_KEYS = ("optimizer", "scaler", "rng", "epochs_since_best", "stopped", "best_checkpoint")
+
+
+def _label(name: str) -> str:
+    """The semantic label of a model input channel name (``"B08@t-1"`` -> ``"B08"``)."""
+    return str(name).split("@", 1)[0]
+
+
+def channel_mismatch(expected, got) -> str | None:
+    """None when the input channel names ``got`` are exactly ``expected`` (same names, same order),
+    else what differs: the missing and unexpected channels grouped by semantic label
+    (``"missing channels: B08 (B08@t, B08@t-1, ...); unexpected channels: none"``), or the two orders
+    of the labels when only the order differs."""
+    expected, got = [str(c) for c in expected], [str(c) for c in got]
+    if got == expected:
+        return None
+
+    def grouped(names):
+        labels: dict[str, list[str]] = {}
+        for n in names:
+            labels.setdefault(_label(n), []).append(n)
+        return "; ".join(f"{lab} ({', '.join(ns)})" for lab, ns in labels.items())
+
+    missing = [c for c in expected if c not in got]
+    unexpected = [c for c in got if c not in expected]
+    if missing or unexpected:
+        return (f"missing channels: {grouped(missing) or 'none'}; unexpected channels: "
+                f"{grouped(unexpected) or 'none'}")
+    order = list(dict.fromkeys(_label(c) for c in expected))
+    have = list(dict.fromkeys(_label(c) for c in got))
+    return (f"the same channels in another order: the checkpoint's semantic labels are in the order "
+            f"{order}, the data's {have}")
+
+
+def _band_order_hint(ckpt: dict) -> str:
+    """How to get the checkpoint's channel order in a study: its bands per sensor, in order."""
+    by_sensor: dict[str, list[str]] = {}
+    for ch in ckpt.get("channels") or []:
+        if ch.get("kind") in ("optical", "sar"):
+            by_sensor.setdefault(str(ch.get("sensor", "?")), []).append(str(ch["name"]))
+    return ", ".join(f"sensors.{s}.bands: {b}" for s, b in by_sensor.items())
+
+
+def load_init(init_from, *, model: str, model_params: dict, input_channels, residual: dict | None) -> dict:
+    """The checkpoint ``init_from`` loaded and checked for fine-tuning a run that builds ``model``
+    with ``model_params`` on data whose model inputs are ``input_channels`` (``residual``: the run's
+    residual spec); its ``sha256`` (``"sha256:<hex>"`` of the file) and resolved ``path`` added.
+
+    FileNotFoundError for a missing file, ValueError naming the file and what differs (model, its
+    parameters, the missing / unexpected input channels, their order, the residual wrapper).
+    Checked before anything is hashed or written, so a bad ``init_from`` costs nothing.
+    """
+    path = Path(init_from)
+    ckpt = load_checkpoint(path)
+    where = f"init_from checkpoint {path}"
+    if ckpt["model"] != model or _plain(ckpt["model_params"]) != _plain(model_params):
+        raise ValueError(f"{where} holds model {ckpt['model']!r} with model_params {ckpt['model_params']}, "
+                         f"but this run builds {model!r} with {model_params}: set model and model_params "
+                         "(config keys train.model, train.model_params) to the checkpoint's")
+    problem = channel_mismatch(ckpt["input_channels"], input_channels)
+    if problem is not None:
+        hint = (f" (list the bands in the checkpoint's order: {_band_order_hint(ckpt)})"
+                if problem.startswith("the same channels") else "")
+        raise ValueError(f"{where} does not fit this run's input channels: {problem}{hint}")
+    if _residual_spec(ckpt.get("residual")) != _residual_spec(residual):
+        raise ValueError(f"{where} was trained {'with' if ckpt.get('residual') else 'without'} the residual on "
+                         f"the temporal prior, this run {'with' if residual else 'without'} it (argument "
+                         "residual): the weights do not fit")
+    return dict(ckpt, path=str(path.resolve()), sha256=_file_digest(path))
+
+
+def _init_weights(net, init: dict, base: dict) -> None:
+    """Load ``init``'s weights (:func:`load_init`) into the freshly built ``net`` (before the first epoch)."""
+    for key, default in (("uncertainty", "none"), ("input_layout", "stacked")):  # absent in older checkpoints
+        if init.get(key, default) != base.get(key, default):
+            raise ValueError(f"init_from checkpoint {init['path']} has {key} {init.get(key, default)!r}, this run "
+                             f"{base.get(key, default)!r}: the weights do not fit")
+    if int(init["out_channels"]) != int(base["out_channels"]):
+        raise ValueError(f"init_from checkpoint {init['path']} has {init['out_channels']} output channels "
+                         f"({init['target_channels']}), this run {base['out_channels']} "
+                         f"({base['target_channels']}): the output layers do not fit")
+    try:
+        net.load_state_dict(init["state_dict"])
+    except RuntimeError as exc:  # shapes or keys: a checkpoint of another build of the model
+        raise ValueError(f"init_from checkpoint {init['path']}: its weights do not fit the network "
+                         f"this run builds: {(str(exc).strip().splitlines() or [''])[0]}") from exc
+    logger.info("initialised the weights from %s (%s, epoch %s of its run); normalisation statistics are this "
+                "run's own", init["path"], init["sha256"], init.get("epoch"))
+
+
+def _study_input_channels(ckpt: dict, channels, dates) -> tuple[list[dict], list[str]]:
+    """The channels (prior appended when ``ckpt`` uses it) and model input names a study's export gives under
+    ``ckpt``, as :mod:`stfuse.infer` builds them: the checkpoint's K neighbours, placeholder statistics."""
+    from stfuse.dataset import InputAssembler
+    from stfuse.prior import PRIOR_KIND, prior_layout
+
+    base = [dict(ch) for ch in channels if ch.get("kind") != PRIOR_KIND]
+    if any(ch.get("kind") == PRIOR_KIND for ch in ckpt["channels"]):
+        base += prior_layout(base)
+    known = {str(ch["name"]): {"mean": 0.0, "std": 1.0} for ch in base}  # names only
+    layout = ckpt.get("input_layout", "stacked")  # a token model's checkpoint says "sequence"
+    return base, list(InputAssembler(base, dates, known, int(ckpt["k_neighbours"]), layout).input_channels)
+
+
+def adopt_checkpoint(checkpoint, tiles_dir, out_dir, *, k_neighbours=None, key: str = "train.model") -> dict:
+    """Use the trained ``checkpoint`` for the study whose export is ``tiles_dir``, without training
+    (an inference-only study): the files :func:`train` writes, but no epoch runs.
+
+    Checks first, writing nothing: the study's model inputs -- the channels and dates of
+    ``tiles_dir``/channels.json, assembled as :mod:`stfuse.infer` will assemble them (the
+    checkpoint's K neighbours; the temporal prior when the checkpoint uses it) -- must be the
+    checkpoint's, matched by semantic label and in the same order. A different *order* of the
+    same labels is refused, not reordered: the order of a study's channels is its config's
+    ``sensors.<name>.bands`` order all the way from the cube to the registered maps, and the
+    model's first layer is tied to its own; listing the bands in the checkpoint's order (the
+    message says which) is a one-line change that needs no permutation anywhere. Also refused: a
+    checkpoint tile size above the export's (``tiles.size``: the blocks' halo is too small for its
+    inference windows). Each error names the checkpoint and the config key ``key``.
+
+    ``k_neighbours`` (the study's K): only compared, with a warning when it differs -- inference
+    uses the checkpoint's K.
+
+    Then writes ``out_dir``/``model.pt`` (the checkpoint's dict, copied, plus ``adopted_from``:
+    ``path``, ``sha256`` and the source's own ``adopted_from``; the resume-only keys of a
+    ``last.pt`` dropped), ``history.csv`` (the columns, no row: no epoch ran in this study) and
+    ``loss.png`` (says so, with the source run's curves), and removes a stale ``last.pt``. The
+    normalisation statistics stay the checkpoint's: the model learnt in those units.
+
+    Returns a summary dict: ``adopted_from``, ``sha256``, ``model``, ``epochs_run`` (0), ``files``.
+    """
+    src = Path(checkpoint)
+    where = f"checkpoint {src} (config key {key})"
+    try:
+        ckpt = load_checkpoint(src)
+    except (FileNotFoundError, ValueError) as exc:
+        raise type(exc)(f"config key {key}: {exc}") from exc
+    tiles_dir, out = Path(tiles_dir), Path(out_dir)
+    meta = json.loads((tiles_dir / CHANNELS_FILE).read_text())
+    channels, got = _study_input_channels(ckpt, meta["channels"], meta["dates"])
+    problem = channel_mismatch(ckpt["input_channels"], got)
+    if problem is not None:
+        hint = (f"; list the bands in the checkpoint's order ({_band_order_hint(ckpt)}) -- stfuse does not "
+                "reorder channels" if problem.startswith("the same channels")
+                else "; the study needs the bands (semantic labels) the model was trained on")
+        raise ValueError(f"{where} does not fit the inputs of this study ({tiles_dir / CHANNELS_FILE}): "
+                         f"{problem}{hint}")
+    from stfuse.infer import checkpoint_assembler  # what inference will build: the last word on the fit
+    try:
+        checkpoint_assembler(ckpt, channels, meta["dates"])
+    except ValueError as exc:
+        raise ValueError(f"{where} does not fit the inputs of this study ({tiles_dir / CHANNELS_FILE}): "
+                         f"{exc}") from exc
+    if int(ckpt["tile_size"]) > int(meta["size"]):
+        raise ValueError(f"{where} works on {ckpt['tile_size']}-cell windows, but this study's tiles.size is "
+                         f"{meta['size']} (the blocks' halo follows it, too small for the model's windows): "
+                         f"set tiles.size to {ckpt['tile_size']}")
+    if k_neighbours is not None and int(k_neighbours) != int(ckpt["k_neighbours"]):
+        logger.warning("the study's K neighbours (train.neighbours, else pairing.neighbours) is %s, but %s was "
+                       "trained with K = %s: inference uses the checkpoint's K", k_neighbours, where,
+                       ckpt["k_neighbours"])
+    sha = _file_digest(src)
+    record = {"path": str(src.resolve()), "sha256": sha, "adopted_from": ckpt.get("adopted_from")}
+    copy = {k: v for k, v in ckpt.items() if k not in _LAST_ONLY_KEYS}
+    copy["adopted_from"] = record
+    out.mkdir(parents=True, exist_ok=True)
+    (out / LAST_FILE).unlink(missing_ok=True)  # of an earlier training run of this study: stale now
+    _save(copy, out / MODEL_FILE)
+    _write_history([], out)
+    _plot_adopted(ckpt, record, out)
+    logger.info("no training: adopted %s (%s): model %s %s, %d input channels, trained on %s (epoch %s)", src,
+                sha, ckpt["model"], ckpt["model_params"], ckpt["in_channels"],
+                (ckpt.get("config") or {}).get("tiles_dir", "?"), ckpt.get("epoch"))
+    return {"adopted_from": record["path"], "sha256": sha, "model": ckpt["model"], "epochs_run": 0,
+            "files": {name: str(out / name) for name in (MODEL_FILE, HISTORY_FILE, PLOT_FILE)}}
+
+
+def _plot_adopted(ckpt: dict, record: dict, out: Path) -> None:
+    """loss.png of an adopted model: says that no training ran, shows the source run's curves."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4), dpi=100)
+    ax = fig.subplots()
+    history = ckpt.get("history") or []
+    for key, label in (("train_loss", "train"), ("val_loss", "validation")):
+        values = [np.nan if h.get(key) is None else h[key] for h in history]
+        if values:
+            ax.plot([h["epoch"] for h in history], values, marker="o", markersize=3,
+                    label=f"{label} (the source study's run)")
+    ax.set_title("no training in this study: model adopted from\n" + Path(record["path"]).name
+                 + " " + record["sha256"][:19], fontsize=9)
+    ax.set_xlabel("epoch of the source run")
+    ax.set_ylabel("masked L1 (normalised units)")
+    ax.grid(alpha=0.3)
+    if history:
+        ax.legend()
+    fig.tight_layout()
+    atomic_write(out / PLOT_FILE, lambda tmp: fig.savefig(tmp, format="png"))
+
 # --------------------------------------------------------------------------------------------
 # one pass over a loader
 
 def _masked_l1(pred, target, hidden):
-    """Sum of |pred - target| over hidden pixels (all bands), in float32."""
+    """Sum of |pred - target| over hidden pixels (all bands), in float32. With an uncertainty head
+    (``pred`` has twice the target's channels) the error of the mean, its first half."""
+    if pred.shape[1] != target.shape[1]:
+        pred = pred[:, :target.shape[1]]
     return ((pred.float() - target).abs() * hidden).sum()
 
 
-def _run_epoch(model, loader, device, optimizer=None, scaler=None, amp=False):
-    """Train (optimizer given) or evaluate; returns (sum of abs errors, n pixel-bands, samples)."""
+def _masked_nll(head: str, pred, target, hidden):
+    """Sum of the head's negative log-likelihood (:func:`stfuse.models.uncertainty.nll`, normalised
+    units) over hidden pixels and bands, in float32; ``pred`` (N, 2B, s, s): means and log-scales."""
+    mean, log_scale = heads.split(pred, target.shape[1])
+    return (heads.nll(head, mean, log_scale, target) * hidden).sum()
+
+
+def _run_epoch(model, loader, device, optimizer=None, scaler=None, amp=False, uncertainty="none",
+               sums: dict | None = None):
+    """Train (optimizer given) or evaluate; returns (sum of abs errors, n pixel-bands, samples).
+
+    ``uncertainty`` (a head of :mod:`stfuse.models.uncertainty`): training minimises the mean NLL of
+    the hidden pixels instead of their L1; the abs errors returned are still the mean's (the
+    validation metric, comparable across heads), and ``sums["nll"]`` (when given) gets the NLL sum."""
     training = optimizer is not None
+    head = heads.check_head(uncertainty)
     model.train(training)
     total, count, samples = 0.0, 0, 0
     non_blocking = device.type == "cuda"
@@ -439,9 +686,14 @@ def _run_epoch(model, loader, device, optimizer=None, scaler=None, amp=False):
             with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
                 pred = model(x)
             err = _masked_l1(pred, y, hidden)
+            objective = err
+            if head != heads.NONE:
+                objective = _masked_nll(head, pred, y, hidden)
+                if sums is not None:
+                    sums["nll"] = sums.get("nll", 0.0) + float(objective.detach().item())
             if training:
                 optimizer.zero_grad(set_to_none=True)
-                scaler.scale(err / n).backward()
+                scaler.scale(objective / n).backward()
                 scaler.step(optimizer)
                 scaler.update()
             total += float(err.detach().item())
@@ -537,7 +789,7 @@ def _val_samples(dataset, samples_per_epoch, seed: int):
 def train(tiles_dir, out_dir, *, model="unet", model_params=None, epochs=30, batch_size=16,
           lr=1e-3, k_neighbours=2, extra_mask_fraction=0.7, seed=0, device="auto", patience=5,
           num_workers=0, resume=True, max_minutes=None, threads=None, residual="auto",
-          samples_per_epoch=None) -> dict:
+          samples_per_epoch=None, uncertainty="none", init_from=None) -> dict:
     """Train ``model`` on the export in ``tiles_dir``; write checkpoints and logs to ``out_dir``.
 
     ``tiles_dir`` is an :func:`stfuse.tiles.export_tiles` directory or a tile store
@@ -586,6 +838,28 @@ def train(tiles_dir, out_dir, *, model="unet", model_params=None, epochs=30, bat
         many samples drawn from ``(seed, epoch)`` (without replacement when there are enough),
         so an epoch over a huge region is bounded; validation then uses at most as many
         samples, drawn once with a fixed seed. Part of the resume fingerprint.
+    uncertainty
+        ``"none"`` (default): the model outputs the B bands and training minimises their masked
+        L1. ``"laplace"`` or ``"gaussian"`` (:mod:`stfuse.models.uncertainty`): the model outputs
+        B bands and B log-scales (the registered architecture is built with 2B outputs) and
+        training minimises the mean negative log-likelihood of the hidden pixels; the validation
+        loss (early stopping, ``model.pt``) stays the masked L1 of the mean, the NLL is logged.
+        With the residual wrapper, the zeroed log-scale outputs start at the maximum-likelihood
+        scale of the prior's residuals on the first training samples
+        (:func:`_initial_log_scale`). The checkpoint's ``uncertainty`` entry says which head;
+        inference then also returns a standard deviation per cell.
+    init_from
+        None (default): the network starts from its seeded initialisation. A path: an stfuse
+        checkpoint (``model.pt`` of another run, e.g. of another study) to fine-tune: the
+        network is built, then its weights are loaded before the first epoch. Its model,
+        ``model_params``, input channels (names and order), outputs and residual wrapper must be
+        this run's (ValueError naming the file and what differs, before anything is written:
+        :func:`load_init`). Only the weights are taken: the optimizer starts afresh and the
+        normalisation statistics stay this export's own -- fine-tuning adapts the model to the new
+        study's units, and inference normalises with the statistics saved in the new checkpoint,
+        so the two agree. The file's SHA-256 goes into the checkpoint's ``config``
+        (``init_from``; its path in ``init_from_path``) and so into the resume fingerprint: a
+        resume with another init file starts afresh.
 
     Returns a summary dict: ``epochs_run`` (in this call), ``last_epoch``, ``best_epoch``,
     ``best_val_loss``, ``samples_per_s`` (training, this call), ``seconds`` (this call),
@@ -599,12 +873,13 @@ def train(tiles_dir, out_dir, *, model="unet", model_params=None, epochs=30, bat
                       extra_mask_fraction=extra_mask_fraction, seed=seed, device=device,
                       patience=patience, num_workers=num_workers, resume=resume,
                       max_minutes=max_minutes, residual=residual,
-                      samples_per_epoch=samples_per_epoch)
+                      samples_per_epoch=samples_per_epoch, uncertainty=uncertainty,
+                      init_from=init_from)
 
 
 def _train(tiles_dir, out_dir, *, model, model_params, epochs, batch_size, lr, k_neighbours,
            extra_mask_fraction, seed, device, patience, num_workers, resume, max_minutes,
-           residual, samples_per_epoch):
+           residual, samples_per_epoch, uncertainty="none", init_from=None):
     t_start = time.perf_counter()
     _check_args(epochs, batch_size, lr, extra_mask_fraction, seed, patience, num_workers,
                 max_minutes, residual, samples_per_epoch)
@@ -619,30 +894,41 @@ def _train(tiles_dir, out_dir, *, model, model_params, epochs, batch_size, lr, k
     out.mkdir(parents=True, exist_ok=True)
     tiles_dir = Path(tiles_dir)
 
-    train_ds, val_ds, val_split, val_seed = _datasets(tiles_dir, k_neighbours, extra_mask_fraction, seed)
+    layout = input_layout(model)  # the input layout the architecture reads (stacked / sequence)
+    train_ds, val_ds, val_split, val_seed = _datasets(tiles_dir, k_neighbours, extra_mask_fraction, seed,
+                                                      layout)
     prior_spec = train_ds.assembler.residual_spec()
     if residual is True and prior_spec is None:
         raise ValueError(f"residual=True, but {tiles_dir} has no temporal prior channels "
                          "(export it with export_tiles(..., prior=True))")
     residual_spec = prior_spec if residual in ("auto", True) else None
+    # checked before the data is hashed or any output touched
+    init = None if init_from is None else load_init(init_from, model=model, model_params=params,
+                                                     input_channels=train_ds.input_channels,
+                                                     residual=residual_spec)
+    head = heads.check_head(uncertainty)
     config = {
         "tiles_dir": str(tiles_dir.resolve()), "model": model, "model_params": params,
         "epochs": int(epochs), "batch_size": int(batch_size), "lr": float(lr),
         "k_neighbours": int(k_neighbours), "extra_mask_fraction": float(extra_mask_fraction),
         "seed": int(seed), "device": str(dev), "amp": amp, "patience": int(patience),
-        "num_workers": int(num_workers), "max_minutes": max_minutes, "loss": "masked_l1",
+        "num_workers": int(num_workers), "max_minutes": max_minutes,
+        "loss": "masked_l1" if head == heads.NONE else f"{head}_nll",
         "optimizer": "adam", "val_split": val_split, "val_mask_fraction": VAL_MASK_FRACTION,
         "val_mask_seed": val_seed, "torch_threads": torch.get_num_threads(),
         "residual": residual_spec is not None,
         "samples_per_epoch": None if samples_per_epoch is None else int(samples_per_epoch),
+        "uncertainty": head,
     }
+    config.update(init_from=None if init is None else init["sha256"],
+                  init_from_path=None if init is None else init["path"])
     base = _checkpoint_base(tiles_dir, train_ds, config, residual_spec)
 
     with _deterministic(dev):
         torch.manual_seed(seed)
         np.random.seed(seed)
         random.seed(seed)
-        net, optimizer, scaler = _build(base, train_ds, dev, lr, amp)
+        net, optimizer, scaler = _build(base, train_ds, dev, lr, amp, init)
         st = _restore(out, resume, base, net, optimizer, scaler, dev, amp)
         val_used = _val_samples(val_ds, samples_per_epoch, seed)
         _log_start(base, net, dev, amp, train_ds, val_ds, val_used, val_split, batch_size, samples_per_epoch)
@@ -653,7 +939,7 @@ def _train(tiles_dir, out_dir, *, model, model_params, epochs, batch_size, lr, k
             st.stopped = "epochs"
         for epoch in range(st.start_epoch, epochs + 1) if st.stopped is None else ():
             loader = _epoch_loader(train_ds, samples_per_epoch, seed, epoch, batch_size, num_workers, amp)
-            rec = _fit_epoch(net, loader, val_loader, dev, optimizer, scaler, amp)
+            rec = _fit_epoch(net, loader, val_loader, dev, optimizer, scaler, amp, head)
             _account(st, epoch, rec, tiles_dir, len(train_ds), len(val_ds), val_split, train_ds.n_dates,
                      elapsed_before + (time.perf_counter() - t_start))
             _decide_stop(st, epoch, epochs, patience, max_minutes, time.perf_counter() - t_start,
@@ -685,10 +971,10 @@ class _State:
     epochs_run: int = 0
 
 
-def _datasets(tiles_dir: Path, k_neighbours, extra_mask_fraction, seed):
+def _datasets(tiles_dir: Path, k_neighbours, extra_mask_fraction, seed, layout="stacked"):
     """(train dataset, validation dataset, its split name, its masking seed): validation on the train split
     (fixed masking) when the export has no validation sample. ValueError when there is nothing to train on."""
-    train_ds = GapFillDataset(tiles_dir, "train", k_neighbours=k_neighbours,
+    train_ds = GapFillDataset(tiles_dir, "train", k_neighbours=k_neighbours, layout=layout,
                               extra_mask_seed=0, extra_mask_fraction=extra_mask_fraction)
     if train_ds.n_dates < 2:
         raise ValueError(
@@ -705,13 +991,13 @@ def _datasets(tiles_dir: Path, k_neighbours, extra_mask_fraction, seed):
             "small: check its optical input and the tiles section of the config)")
     val_split = "val"
     val_seed = _derived_seed(seed, 1)
-    val_ds = GapFillDataset(tiles_dir, "val", k_neighbours=k_neighbours,
+    val_ds = GapFillDataset(tiles_dir, "val", k_neighbours=k_neighbours, layout=layout,
                             extra_mask_seed=val_seed, extra_mask_fraction=VAL_MASK_FRACTION)
     if len(val_ds) == 0:
         logger.warning("%s has no validation sample: validating on the train split (with a "
                        "fixed masking) instead", tiles_dir)
         val_split = "train"
-        val_ds = GapFillDataset(tiles_dir, "train", k_neighbours=k_neighbours,
+        val_ds = GapFillDataset(tiles_dir, "train", k_neighbours=k_neighbours, layout=layout,
                                 extra_mask_seed=val_seed, extra_mask_fraction=VAL_MASK_FRACTION)
     return train_ds, val_ds, val_split, val_seed
 
@@ -737,14 +1023,52 @@ def _checkpoint_base(tiles_dir: Path, train_ds, config: dict, residual_spec) -> 
         "config": config,
         "versions": {"stfuse": str(stfuse.__version__), "torch": str(torch.__version__)},
         "residual": residual_spec,
+        "uncertainty": config.get("uncertainty", heads.NONE),  # the scale head (absent in old ones: none)
         "fingerprint": fprint,
+        # a token model's input layout (stfuse.dataset); stacked checkpoints leave both out
+        **({"input_layout": train_ds.assembler.layout,
+            "token_layout": train_ds.assembler.token_layout()}
+           if train_ds.assembler.layout != "stacked" else {}),
     }
 
 
-def _build(base: dict, train_ds, dev, lr, amp):
-    """The network (initialised from the seeded RNG), its Adam optimizer and the AMP gradient scaler."""
+#: training samples whose prior residuals set the initial log-scale of an uncertainty head
+INIT_SCALE_SAMPLES = 64
+
+
+def _initial_log_scale(train_ds, base: dict) -> float | None:
+    """The starting log-scale of a residual model's uncertainty head: the maximum-likelihood constant
+    scale (:func:`stfuse.models.uncertainty.log_scale_of`) of the prior's residuals ``target - prior``
+    on the hidden-but-clear pixels of the first INIT_SCALE_SAMPLES training samples (in index order,
+    with the dataset's masking seed at construction: the same in every run), i.e. exactly what the
+    zeroed model predicts at the start. None (no change) without a head or a residual wrapper, or
+    without such a pixel; a plain model's log-scale starts near 0 (the band's standard deviation)."""
+    head, spec = heads.check_head(base.get("uncertainty")), _residual_spec(base.get("residual"))
+    if head == heads.NONE or spec is None:
+        return None
+    prior_idx, present = spec["prior_indices"], spec["present_index"]
+    residuals = []
+    for i in range(min(len(train_ds), INIT_SCALE_SAMPLES)):
+        s = train_ds[i]
+        image, target = s["image"].numpy(), s["target"].numpy()
+        hidden = (s["target_valid"][0] * (1.0 - s["mask"][0])).numpy() > 0
+        prior = image[prior_idx] * image[present]
+        residuals.append((target - prior)[:, hidden].ravel())
+    value = heads.log_scale_of(head, np.concatenate(residuals) if residuals else np.empty(0))
+    if value is not None:
+        logger.info("%s head: log-scale starts at %.3f (scale %.4f in normalised units, from the prior's "
+                    "residuals on %d samples)", head, value, math.exp(value), min(len(train_ds), INIT_SCALE_SAMPLES))
+    return value
+
+
+def _build(base: dict, train_ds, dev, lr, amp, init=None):
+    """The network (initialised from the seeded RNG, then from ``init``'s weights when fine-tuning), its Adam
+    optimizer and the AMP gradient scaler."""
     net = build_network(base["model"], base["in_channels"], base["out_channels"], base["model_params"],
-                        base["residual"], init=True)
+                        base["residual"], init=True, tokens=base.get("token_layout"),
+                        uncertainty=base.get("uncertainty"), log_scale0=_initial_log_scale(train_ds, base))
+    if init is not None:
+        _init_weights(net, init, base)
     multiple = size_multiple(net)
     if train_ds.size % multiple:
         raise ValueError(f"model {base['model']!r} {base['model_params']} needs tile sizes that are multiples "
@@ -825,15 +1149,26 @@ def _epoch_loader(train_ds, samples_per_epoch, seed, epoch, batch_size, num_work
                       shuffle=True, generator=gen, num_workers=num_workers, pin_memory=amp)
 
 
-def _fit_epoch(net, loader, val_loader, dev, optimizer, scaler, amp) -> dict:
-    """One epoch of training, then validation: losses (None without a hidden pixel), counts and seconds."""
+def _fit_epoch(net, loader, val_loader, dev, optimizer, scaler, amp, uncertainty="none") -> dict:
+    """One epoch of training, then validation: losses (None without a hidden pixel), counts and seconds.
+
+    The losses are the masked L1 of the mean whatever the head (so early stopping and the choice of
+    model.pt compare like with like); with an uncertainty head the mean NLL of both passes is logged
+    and returned too (``train_nll``, ``val_nll``)."""
     t_epoch = time.perf_counter()
-    total, count, samples = _run_epoch(net, loader, dev, optimizer, scaler, amp)
+    sums, v_sums = {}, {}
+    total, count, samples = _run_epoch(net, loader, dev, optimizer, scaler, amp, uncertainty, sums)
     train_s = time.perf_counter() - t_epoch
-    v_total, v_count, _ = _run_epoch(net, val_loader, dev, amp=amp)
-    return dict(train_loss=total / count if count else None, val_loss=v_total / v_count if v_count else None,
-                samples=samples, count=count, v_count=v_count, train_s=train_s,
-                epoch_s=time.perf_counter() - t_epoch)
+    v_total, v_count, _ = _run_epoch(net, val_loader, dev, amp=amp, uncertainty=uncertainty, sums=v_sums)
+    rec = dict(train_loss=total / count if count else None, val_loss=v_total / v_count if v_count else None,
+               samples=samples, count=count, v_count=v_count, train_s=train_s,
+               epoch_s=time.perf_counter() - t_epoch)
+    if heads.check_head(uncertainty) != heads.NONE:
+        rec.update(train_nll=sums["nll"] / count if count and "nll" in sums else None,
+                   val_nll=v_sums["nll"] / v_count if v_count and "nll" in v_sums else None)
+        logger.info("%s NLL (normalised units): train %s, val %s", uncertainty, _fmt(rec["train_nll"]),
+                    _fmt(rec["val_nll"]))
+    return rec
 
 
 def _account(st: _State, epoch: int, rec: dict, tiles_dir, n_train, n_val, val_split, n_dates, elapsed) -> None:

@@ -4,6 +4,14 @@
 # writes its outputs saying why, and the run still succeeds.
 
 
+# the heldout model's std (config train.uncertainty, see model.smk), for the calibration counts
+HELDOUT_STD = (
+    {"heldout_std": per_block(f"{RESULTS}/heldout/blocks/{{block}}/infer/std.npy")}
+    if UNCERTAIN
+    else {}
+)
+
+
 checkpoint holdout:
     input:
         meta=per_block(f"{RESULTS}/blocks/{{block}}/cube/cube.json"),
@@ -53,6 +61,7 @@ rule score_stats_block:
 
 rule score_block:
     input:
+        **HELDOUT_STD,
         cube=f"{RESULTS}/blocks/{{block}}/cube/cube.npy",
         meta=f"{RESULTS}/blocks/{{block}}/cube/cube.json",
         info=f"{RESULTS}/heldout/holdout.json",
@@ -92,6 +101,8 @@ rule score:
     output:
         scores=f"{RESULTS}/benchmark/scores.csv",
         summary=f"{RESULTS}/benchmark/summary.md",
+        # the overall tables, included in the report's landing page (../report/workflow.rst)
+        summary_rst=f"{RESULTS}/benchmark/summary.rst",
         # the report shows the HTML twin (it does not render Markdown)
         summary_html=report(
             f"{RESULTS}/benchmark/summary.html",
@@ -108,6 +119,11 @@ rule score:
             caption="../report/quicklook.rst",
             category="Benchmark",
         ),
+        calibration=report(
+            f"{RESULTS}/benchmark/calibration.png",
+            caption="../report/calibration.rst",
+            category="Benchmark",
+        ),
     log:
         f"{LOGS}/benchmark/score.log",
     benchmark:
@@ -120,6 +136,7 @@ rule score:
         runtime=30,
     params:
         benchmark=section("benchmark"),
+        uncertainty=section("train").get("uncertainty", "none"),
     script:
         "../scripts/score.py"
 

@@ -51,6 +51,8 @@ rule groups:
         runtime=10,
     params:
         static=section("static"),
+        dates=section("infer", "dates"),
+        pairing=section("pairing"),
     script:
         "../scripts/groups.py"
 

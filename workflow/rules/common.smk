@@ -41,6 +41,48 @@ else:
     GRASS_PROJECT = str(Path(RESULTS, "grassdata", STUDY).resolve())
 
 
+# --- transfer: train.model naming a checkpoint (an inference-only study: train_model adopts it, no training)
+# and train.init_from (a checkpoint to fine-tune); the files are checked here, their channels by the job.
+
+
+def _train_checkpoint(key):
+    """The checkpoint file config key train.<key> names, checked to exist; None when it names none."""
+    value = (config.get("train") or {}).get(key)
+    if value is None or (key == "model" and not stfuse.config.is_checkpoint(value)):
+        return None
+    path = Path(value)
+    if not path.is_file():
+        detail = (
+            ""
+            if path.is_absolute()
+            else f" (tried {path.resolve()}: a relative path is taken from the working directory {os.getcwd()})"
+        )
+        raise ValueError(
+            f"config key train.{key}: checkpoint {value} does not exist{detail}"
+        )
+    rel = os.path.relpath(path.resolve(), Path(RESULTS).resolve())
+    if Path(rel).parts[:2] in (("main", "model"), ("heldout", "model")):  # would be its own input
+        raise ValueError(
+            f"config key train.{key}: {value} is a model of this study ({RESULTS}); name another study's "
+            "checkpoint, or a copy of it outside results/"
+        )
+    return str(value)
+
+
+TRAIN_CHECKPOINT = _train_checkpoint("model")
+INIT_FROM = _train_checkpoint("init_from")
+if TRAIN_CHECKPOINT and INIT_FROM:
+    raise ValueError(
+        f"config keys train.model and train.init_from: train.model names a checkpoint ({TRAIN_CHECKPOINT}), so "
+        "the study is inference-only and trains nothing to initialise from train.init_from; set one of the two"
+    )
+
+
+def train_checkpoint_files(wildcards):
+    """train_model's checkpoint inputs (the adopted or the init file): a newer file reruns the job."""
+    return [p for p in (TRAIN_CHECKPOINT, INIT_FROM) if p]
+
+
 def section(*keys):
     """A config section with keys in sorted order, so that reordering a YAML file never looks like a
     params change to Snakemake (it compares params as text)."""
@@ -136,7 +178,11 @@ def stage_targets(stage):
         "train": [f"{RESULTS}/main/model/model.pt"],
         "infer": per_block(f"{RESULTS}/main/blocks/{{block}}/infer/filled.npy"),
         "register": [f"{RESULTS}/register/filled.json"],
-        "benchmark": [f"{RESULTS}/benchmark/summary.md"],
+        # summary.rst too: the report's landing page includes it (a run scored before it existed makes it)
+        "benchmark": [
+            f"{RESULTS}/benchmark/summary.md",
+            f"{RESULTS}/benchmark/summary.rst",
+        ],
     }
     return targets[stage]
 

@@ -2,6 +2,20 @@
 # Two variants run the same rules: `main` (all observations; its filled series is registered) and
 # `heldout` (the benchmark's hidden cells removed; only the benchmark reads it).
 
+# config train.uncertainty: with a scale head, inference also writes each block's std.npy and
+# registration the STRDS <optical>_filled_std
+UNCERTAIN = section("train").get("uncertainty", "none") != "none"
+STD_OUTPUT = (
+    {"std": f"{RESULTS}/{{variant}}/blocks/{{block}}/infer/std.npy"}
+    if UNCERTAIN
+    else {}
+)
+STD_INPUT = (
+    {"std": per_block(f"{RESULTS}/main/blocks/{{block}}/infer/std.npy")}
+    if UNCERTAIN
+    else {}
+)
+
 
 rule train_model:
     input:
@@ -12,6 +26,8 @@ rule train_model:
         # the tile store's tiles stay in the blocks' files (read a date at a time, never concatenated)
         tiles=per_block(f"{RESULTS}/{{variant}}/blocks/{{block}}/tiles/tiles.npy"),
         summaries=per_block(f"{RESULTS}/{{variant}}/blocks/{{block}}/tiles/tiles.json"),
+        # train.model as a checkpoint (adopted: no training) or train.init_from (fine-tuned from)
+        weights=train_checkpoint_files,
     output:
         model=f"{RESULTS}/{{variant}}/model/model.pt",
         history=f"{RESULTS}/{{variant}}/model/history.csv",
@@ -36,6 +52,7 @@ rule train_model:
     params:
         train=section("train"),
         k_neighbours=section("pairing", "neighbours"),
+        adopt=TRAIN_CHECKPOINT,
     script:
         "../scripts/train.py"
 
@@ -47,6 +64,7 @@ rule predict_block:
         meta=f"{RESULTS}/blocks/{{block}}/cube/cube.json",
         holdout=holdout_info,
     output:
+        **STD_OUTPUT,
         filled=f"{RESULTS}/{{variant}}/blocks/{{block}}/infer/filled.npy",
         prediction=f"{RESULTS}/{{variant}}/blocks/{{block}}/infer/prediction.npy",
         flags=f"{RESULTS}/{{variant}}/blocks/{{block}}/infer/flags.npy",
@@ -66,12 +84,14 @@ rule predict_block:
         runtime=60,
     params:
         infer=section("infer"),
+        std=UNCERTAIN,
     script:
         "../scripts/predict_block.py"
 
 
 rule register_filled:
     input:
+        **STD_INPUT,
         project=f"{RESULTS}/ingest/project.json",
         optical=f"{RESULTS}/ingest/{OPTICAL[0]}.json",
         sar=f"{RESULTS}/ingest/{SAR[0]}.json",

@@ -12,4 +12,4 @@ score_block_step(Path(snakemake.input.cube).parent, snakemake.input.info, list(s
                  data_range=p["data_range"], whittaker_lambda=p["whittaker_lambda"],
                  quicklook_dates=p["quicklook_dates"],
                  truth_manifest=snakemake.input.truth[0] if snakemake.input.truth else None,
-                 optical=snakemake.params.optical)
+                 optical=snakemake.params.optical, heldout_std=list(snakemake.input.get("heldout_std", [])))

@@ -12,6 +12,12 @@ Every module of the package is imported when the package is, so dropping one fil
 ``stfuse/models/`` makes it available to :func:`build_model` (and to the training and
 inference code, which store and look up the model by name and keyword parameters).
 
+A model that treats each date as a token registers with ``layout="sequence"``
+(``@register("tattn", layout="sequence")``): training then builds its inputs with the sequence
+layout of :class:`stfuse.dataset.InputAssembler` and passes the builder ``tokens=`` (the
+assembler's :meth:`~stfuse.dataset.InputAssembler.token_layout`: which input channels belong to
+which date), which the checkpoint keeps (``input_layout``, ``token_layout``).
+
 Contract for a model: ``forward(x)`` maps (N, in_channels, s, s) to (N, out_channels, s, s);
 the output is the optical bands at the target date in normalised units. A model may set an
 integer attribute ``size_multiple`` (tile sizes must be multiples of it; default 1).
@@ -31,24 +37,37 @@ from stfuse._optional import require_torch
 
 torch = require_torch(__name__)
 
-__all__ = ["register", "build_model", "available", "size_multiple", "ResidualOnPrior",
-           "zero_init_output"]
+__all__ = ["register", "build_model", "available", "size_multiple", "input_layout",
+           "ResidualOnPrior", "zero_init_output"]
 
 _REGISTRY: dict[str, Callable[..., torch.nn.Module]] = {}
+_LAYOUT: dict[str, str] = {}
+LAYOUTS = ("stacked", "sequence")  # those of stfuse.dataset.InputAssembler
 
 
-def register(name: str):
-    """Decorator: register ``builder(in_channels, out_channels, **params)`` under ``name``."""
+def register(name: str, layout: str = "stacked"):
+    """Decorator: register ``builder(in_channels, out_channels, **params)`` under ``name``;
+    ``layout="sequence"``: the builder also takes ``tokens=`` (see the module docstring)."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"model name must be a non-empty string, got {name!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"model {name!r}: layout must be one of {LAYOUTS}, got {layout!r}")
 
     def deco(builder):
         if name in _REGISTRY and _REGISTRY[name] is not builder:
             raise ValueError(f"model {name!r} is already registered")
         _REGISTRY[name] = builder
+        _LAYOUT[name] = layout
         return builder
 
     return deco
+
+
+def input_layout(name: str) -> str:
+    """The input layout the registered model ``name`` reads (``"stacked"`` or ``"sequence"``)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; registered models: {', '.join(available())}")
+    return _LAYOUT[name]
 
 
 def available() -> list[str]:

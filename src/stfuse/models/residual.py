@@ -8,7 +8,8 @@ prior that is already among its inputs::
 ``prior_indices`` are the ``<band>@prior`` inputs in target band order (normalised with the
 statistics of their band, so in the units of the output) and ``present_index`` the
 ``prior_present@t`` flag (see :mod:`stfuse.dataset`); where no prior exists the network predicts
-on its own. :func:`zero_init_output` zeroes the network's output layer, so that a fresh model
+on its own. With an uncertainty head (:mod:`stfuse.models.uncertainty`, ``extra_channels = B``) the
+network outputs 2B channels and the prior is added to the first B only: the log-scales pass through. :func:`zero_init_output` zeroes the network's output layer, so that a fresh model
 starts out predicting exactly the prior (per-pixel linear interpolation in time) and training
 only learns the correction.
 
@@ -41,7 +42,7 @@ def _index(value, name: str) -> int:
 class ResidualOnPrior(nn.Module):
     """``out = prior * present + net(x)``, the prior and its flag read from the input ``x``."""
 
-    def __init__(self, net: nn.Module, prior_indices, present_index: int):
+    def __init__(self, net: nn.Module, prior_indices, present_index: int, extra_channels: int = 0):
         super().__init__()
         prior = [_index(i, "prior_indices[...]") for i in prior_indices]
         if not prior:
@@ -52,6 +53,7 @@ class ResidualOnPrior(nn.Module):
         self.net = net
         self.prior_indices = prior
         self.present_index = present
+        self.extra_channels = _index(extra_channels, "extra_channels")
         self.size_multiple = int(getattr(net, "size_multiple", 1))
         self.register_buffer("_prior_idx", torch.tensor(prior, dtype=torch.long),
                              persistent=False)
@@ -71,10 +73,15 @@ class ResidualOnPrior(nn.Module):
             raise ValueError(f"input has {n_in} channels but the prior is expected at "
                              f"{self.prior_indices} / {self.present_index}")
         delta = self.net(x)
-        if delta.shape[1] != len(self.prior_indices):
-            raise ValueError(f"the network predicts {delta.shape[1]} bands but the prior has "
-                             f"{len(self.prior_indices)}")
-        return self.prior(x) + delta  # type promotion: float32 sum even under float16 autocast
+        n_bands = len(self.prior_indices)
+        if delta.shape[1] != n_bands + self.extra_channels:
+            raise ValueError(f"the network predicts {delta.shape[1]} channels but the prior has "
+                             f"{n_bands} bands" + (f" (plus {self.extra_channels} scale outputs)"
+                                                   if self.extra_channels else ""))
+        if not self.extra_channels:
+            return self.prior(x) + delta  # type promotion: float32 sum even under float16 autocast
+        # the prior goes onto the band values only; the log-scales pass through (as float32)
+        return torch.cat([self.prior(x) + delta[:, :n_bands], delta[:, n_bands:].float()], dim=1)
 
 
 def zero_init_output(net: nn.Module, out_channels: int) -> bool:

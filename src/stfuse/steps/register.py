@@ -27,13 +27,15 @@ def mosaic(paths, plan: list[blocks.Block]) -> Mosaic:
 
 
 def register_step(project_json, optical_json, sar_json, cube_jsons, filled_paths, flags_paths, model_path,
-                  config: dict, command: str | None = None) -> dict:
+                  config: dict, command: str | None = None, std_paths=None) -> dict:
     """Register the main variant's filled series (per-block ``filled.npy``/``flags.npy``) back into GRASS, with
-    the command and the whole config in its maps' history and STRDS description."""
+    the command and the whole config in its maps' history and STRDS description. ``std_paths``: the blocks'
+    ``std.npy`` (a model with an uncertainty head), registered as ``<optical>_filled_std``."""
     metas = [_load(p) for p in cube_jsons]
     plan = [blocks.from_dict(m["block"]) for m in metas]
     return register.register_filled(
         _load(project_json), _load(optical_json), _load(sar_json), metas[0]["dates"],
         mosaic(filled_paths, plan), mosaic(flags_paths, plan),
+        std=mosaic(std_paths, plan) if std_paths else None,
         checkpoint_sha=register.file_sha256(model_path), config_sha=register.config_sha256(config),
         provenance=register.provenance_text(config, command))

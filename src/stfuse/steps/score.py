@@ -15,7 +15,8 @@ No job holds more than one block's read window of the series:
     and quicklook piece (``quicklook.npz``).
 ``score_step``
     merges the blocks' tables into scores.csv, summary.md, by_gap.png, quicklook.png and benchmark.json,
-    as :func:`stfuse.benchmark.benchmark_step` writes them for a whole-region cube (the same table).
+    as :func:`stfuse.benchmark.benchmark_step` writes them for a whole-region cube (the same table), and
+    summary.rst (:func:`write_summary_rst`: the overall tables, shown on the report's landing page).
 
 The model's filled series: the SSIM of a core cell near the core's edge sees the filled values up to
 :data:`stfuse.metrics.SSIM_HALO` cells beyond it; those come from the neighbouring blocks' core files (every
@@ -28,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -201,13 +203,15 @@ def score_stats_block_step(cube_dir, holdout_json, out_path, *, truth_manifest=N
 
 def score_block_step(cube_dir, holdout_json, stats_paths, heldout_filled, main_filled, out_dir, *,
                      data_range: float, whittaker_lambda, quicklook_dates: int, truth_manifest=None,
-                     optical: dict | None = None) -> dict:
+                     optical: dict | None = None, heldout_std=None) -> dict:
     """One block's partial score tables (``parts.npz``) and quicklook piece (``quicklook.npz``) in ``out_dir``.
 
     ``stats_paths``: every block's :func:`score_stats_block_step` file. The methods run on the block's score
     window (core + :data:`stfuse.metrics.SSIM_HALO`, inside its read window); the heldout (and, with
     ``truth_manifest`` and ``main_filled``, the main) model's filled series come from every block's
-    ``filled.npy`` (lists of paths, :func:`filled_window`). Returns {(protocol, method): partial table}."""
+    ``filled.npy`` (lists of paths, :func:`filled_window`); ``heldout_std``: every block's ``std.npy`` of the
+    heldout model (an uncertainty head), read the same way, for the calibration counts of the model's table.
+    Returns {(protocol, method): partial table}."""
     holdout = _possible_holdout(holdout_json)
     arr, meta, block = cube.load_block(cube_dir)
     channels = meta["channels"]
@@ -224,7 +228,8 @@ def score_block_step(cube_dir, holdout_json, stats_paths, heldout_filled, main_f
     parts, piece = benchmark.score_block(
         cb, hb, filled_window(heldout_filled, plan, win), win, ctx,
         truth=_truth(truth_manifest, optical, meta, window) if real else None,
-        main=filled_window(main_filled, plan, win) if real else None)
+        main=filled_window(main_filled, plan, win) if real else None,
+        model_std=filled_window(heldout_std, plan, win) if heldout_std else None)
     _write_block_scores(out_dir, block, parts, piece)
     log.info("block %s: scored %d method/protocol pairs", block.id, len(parts))
     return parts
@@ -262,15 +267,18 @@ def _read_block_scores(block_dir) -> tuple[dict, dict | None]:
 
 
 def score_step(block_score_dirs, stats_paths, holdout_json, cube_json, out_dir, *, data_range: float,
-               whittaker_lambda, quicklook_dates: int) -> pd.DataFrame | None:
+               whittaker_lambda, quicklook_dates: int, uncertainty: str | None = None) -> pd.DataFrame | None:
     """Merge the blocks' :func:`score_block_step` outputs into scores.csv, summary.md, by_gap.png,
-    quicklook.png and benchmark.json in ``out_dir`` (:func:`stfuse.benchmark.write_outputs`). When holdout.json
-    says the benchmark is not possible, writes the outputs that say why (:func:`stfuse.benchmark.not_possible_step`;
-    the other inputs may then be empty) and returns None; else the long score table. ``cube_json``: one block's
-    cube.json (channels, dates, region)."""
+    quicklook.png and benchmark.json in ``out_dir`` (:func:`stfuse.benchmark.write_outputs`), and summary.rst
+    (:func:`write_summary_rst`). When holdout.json says the benchmark is not possible, writes the outputs that
+    say why (:func:`stfuse.benchmark.not_possible_step`; the other inputs may then be empty) and returns None;
+    else the long score table. ``cube_json``: one block's
+    cube.json (channels, dates, region). ``uncertainty``: the model's head (config train.uncertainty), which gives
+    the nominal coverages of calibration.png when the blocks' tables hold std counts."""
     holdout = json.loads(Path(holdout_json).read_text())
     if not holdout.get("possible"):
         benchmark.not_possible_step(out_dir, holdout)
+        write_summary_rst(out_dir, None, reason=holdout.get("reason", "see holdout.json"))
         return None
     meta = json.loads(Path(cube_json).read_text())
     region = merged_stats(stats_paths, meta["region"])
@@ -290,5 +298,53 @@ def score_step(block_score_dirs, stats_paths, holdout_json, cube_json, out_dir, 
         progress.step()
     table = merger.table()
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    benchmark.write_outputs(out_dir, table, quick, ctx, meta["dates"])
+    benchmark.write_outputs(out_dir, table, quick, ctx, meta["dates"], calibration=merger.calibration(),
+                            head=None if uncertainty in (None, "none") else uncertainty)
+    write_summary_rst(out_dir, table)
     return table
+
+
+#: summary.md's overall tables as reStructuredText: the report's landing page includes it (workflow/report/workflow.rst)
+SUMMARY_RST = "summary.rst"
+_HEADINGS = {"mae": "MAE", "rmse": "RMSE", "psnr": "PSNR (dB)", "sam": "SAM (°)", "ssim": "SSIM"}
+_LOWER_BETTER = {"mae", "rmse", "sam"}
+
+
+def _rst_text(text: str) -> str:
+    """``text`` as plain reStructuredText inline text (markup characters escaped)."""
+    return re.sub(r"([\\*`_|])", r"\\\1", str(text))
+
+
+def _csv_row(cells) -> str:
+    return ",".join('"' + c.replace('"', '""') + '"' for c in cells)
+
+
+def summary_rst(table: pd.DataFrame | None, *, reason: str | None = None) -> str:
+    """summary.md's overall tables as reStructuredText: per protocol a table of method x MAE, RMSE, PSNR, SAM,
+    SSIM over all bands, gap lengths and cloud fractions (:func:`stfuse.benchmark.summary_table` of the long
+    score ``table``), the numbers as summary.md shows them, the best per column in bold. With ``table`` None
+    (the benchmark could not score): a paragraph that says so and why (``reason``)."""
+    if table is None:
+        return (f"**The benchmark could not score this study**: {_rst_text(reason or 'see holdout.json')}.\n")
+    out = []
+    for protocol, part in benchmark.summary_table(table).groupby(level=0, sort=False):
+        part = part.droplevel(0)
+        best = {m: (part[m].min() if m in _LOWER_BETTER else part[m].max()) for m in part.columns}
+        out += [f".. csv-table:: {_rst_text(protocol)} (best per column in bold)", "   :header-rows: 1", "",
+                "   " + _csv_row(["method"] + [_HEADINGS.get(m, m) for m in part.columns])]
+        for method, row in part.iterrows():
+            cells = [_rst_text(method)]
+            for m in part.columns:
+                text = f"{row[m]:.4f}" if m in ("mae", "rmse") else f"{row[m]:.3f}"
+                cells.append(f"**{text}**" if np.isclose(row[m], best[m]) else text)
+            out.append("   " + _csv_row(cells))
+        out.append("")
+    return "\n".join(out)
+
+
+def write_summary_rst(out_dir, table: pd.DataFrame | None, *, reason: str | None = None) -> Path:
+    """:func:`summary_rst` as ``summary.rst`` in ``out_dir``. Every finished score job writes it: the report's
+    landing page includes it, and would not render without it."""
+    path = Path(out_dir) / SUMMARY_RST
+    _write_text(path, summary_rst(table, reason=reason))
+    return path
