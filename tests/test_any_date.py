@@ -301,3 +301,21 @@ def test_snakemake_refuses_a_bad_offset_alias_when_the_dag_is_built(tmp_path):
     cfg = write_config(tmp_path / "bad.yaml", "bad", TINY, infer={"dates": "daily"})
     proc = run_snakemake(tmp_path, cfg, extra=["--dry-run"])
     assert proc.returncode != 0 and "daily" in proc.stderr + proc.stdout  # the schema refuses it
+
+
+def test_query_dates_are_never_evaluated_or_donors():
+    """A query date (no acquisition) counts as all cloud: even with benchmark.max_mask_fraction 1 it lends no
+    mask, and it is never an evaluation date."""
+    import numpy as np
+
+    from stfuse import benchmark
+
+    frac = np.array([0.95, 0.0, 0.5, 0.97, 0.0])  # dates 1 and 4 are query dates
+    dates = [f"2021-05-0{i + 1}" for i in range(5)]
+    for seed in range(20):
+        evals, donors = benchmark._eval_and_donors(frac, dates, min_clear=0.9, seed=seed, min_fraction=0.0,
+                                                   max_fraction=1.0, max_dates=None, query=[1, 4])
+        assert evals == [0, 3] and set(donors.values()) <= {0, 2, 3}
+    with pytest.raises(benchmark.BenchmarkNotPossible, match="no donor"):
+        benchmark._eval_and_donors(np.array([0.95, 0.0]), dates[:2], min_clear=0.9, seed=0, min_fraction=0.5,
+                                   max_fraction=1.0, max_dates=None, query=[1])

@@ -70,17 +70,26 @@ def _fraction(count: np.ndarray, n: int) -> np.ndarray:
     return count / n if n else np.zeros(count.shape)
 
 
+def query_dates(dates: list[dict]) -> list[int]:
+    """Indices of the query dates (``"query": true``, from ``infer.dates``) among a cube's dates."""
+    return [i for i, d in enumerate(dates) if d.get("query")]
+
+
 def _eval_and_donors(frac: np.ndarray, dates: list[str], *, min_clear: float, seed: int, min_fraction: float,
-                     max_fraction: float, max_dates: int | None) -> tuple[list[int], dict[int, int]]:
+                     max_fraction: float, max_dates: int | None, query=()) -> tuple[list[int], dict[int, int]]:
     """Evaluation dates and their donor dates from the dates' clear fractions alone (no pixel).
 
-    Raises :class:`BenchmarkNotPossible` when no date is clear enough or an evaluation date has no donor."""
+    ``query``: indices of query dates (``infer.dates``: no optical acquisition), never an evaluation date or a
+    donor (their "cloud mask" would be the whole region). Raises :class:`BenchmarkNotPossible` when no date is
+    clear enough or an evaluation date has no donor."""
+    frac = np.asarray(frac, dtype=np.float64).copy()
+    frac[list(query)] = np.nan  # NaN is neither >= min_clear nor within the donors' cloud fractions
     eval_dates = [int(t) for t in np.flatnonzero(frac >= min_clear)]
     if max_dates is not None and len(eval_dates) > max_dates:
         rng = np.random.default_rng(seed)
         eval_dates = sorted(int(t) for t in rng.choice(eval_dates, size=max_dates, replace=False))
     if not eval_dates:
-        best = f"{frac.max():.2f}" if len(frac) else "none: no optical date"
+        best = f"{np.nanmax(frac):.2f}" if np.isfinite(frac).any() else "none: no optical date"
         raise BenchmarkNotPossible(
             f"no optical date is clear enough to evaluate on (best clear fraction {best} < "
             f"benchmark.min_clear {min_clear}); lower config key benchmark.min_clear"
@@ -124,7 +133,7 @@ def choose_holdout(cube: np.ndarray, meta: dict, *, min_clear: float, seed: int,
     frac = metrics.clear_fraction(clear, seen)
     eval_dates, donors = _eval_and_donors(frac, [d["start_time"] for d in meta["dates"]], min_clear=min_clear,
                                           seed=seed, min_fraction=min_fraction, max_fraction=max_fraction,
-                                          max_dates=max_dates)
+                                          max_dates=max_dates, query=query_dates(meta["dates"]))
     hidden = metrics.apply_donors(clear, donors)
     if not (clear & ~hidden).any():
         raise _all_hidden(len(eval_dates), max_fraction)
@@ -177,7 +186,7 @@ def holdout_decision(metas: list[dict], *, min_clear: float, seed: int, min_mask
     try:
         eval_dates, donors = _eval_and_donors(_fraction(clear, seen), dates, min_clear=min_clear, seed=seed,
                                               min_fraction=min_mask_fraction, max_fraction=max_mask_fraction,
-                                              max_dates=max_dates)
+                                              max_dates=max_dates, query=query_dates(metas[0]["dates"]))
         if not leaves_clear_cells(seen, clear, donors):
             raise _all_hidden(len(eval_dates), max_mask_fraction)
     except BenchmarkNotPossible as err:

@@ -136,7 +136,7 @@ rule score:
         runtime=30,
     params:
         benchmark=section("benchmark"),
-        uncertainty=section("train").get("uncertainty", "none"),
+        uncertainty=UNCERTAINTY,
     script:
         "../scripts/score.py"
 

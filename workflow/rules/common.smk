@@ -78,6 +78,23 @@ if TRAIN_CHECKPOINT and INIT_FROM:
     )
 
 
+def _uncertainty_head():
+    """The uncertainty head the study's model has: an adopted checkpoint's own (read here, so an
+    inference-only study never needs train.uncertainty to match it), else config train.uncertainty."""
+    if TRAIN_CHECKPOINT:
+        try:
+            import torch
+        except ImportError:  # no torch where Snakemake runs: trust the config (the job checks)
+            pass
+        else:
+            ckpt = torch.load(TRAIN_CHECKPOINT, map_location="cpu", weights_only=True)
+            return str(ckpt.get("uncertainty") or "none")
+    return (config.get("train") or {}).get("uncertainty", "none")
+
+
+UNCERTAINTY = _uncertainty_head()
+
+
 def train_checkpoint_files(wildcards):
     """train_model's checkpoint inputs (the adopted or the init file): a newer file reruns the job."""
     return [p for p in (TRAIN_CHECKPOINT, INIT_FROM) if p]

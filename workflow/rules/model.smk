@@ -2,9 +2,9 @@
 # Two variants run the same rules: `main` (all observations; its filled series is registered) and
 # `heldout` (the benchmark's hidden cells removed; only the benchmark reads it).
 
-# config train.uncertainty: with a scale head, inference also writes each block's std.npy and
-# registration the STRDS <optical>_filled_std
-UNCERTAIN = section("train").get("uncertainty", "none") != "none"
+# with an uncertainty head (config train.uncertainty, or an adopted checkpoint's: common.smk), inference
+# also writes each block's std.npy and registration the STRDS <optical>_filled_std
+UNCERTAIN = UNCERTAINTY != "none"
 STD_OUTPUT = (
     {"std": f"{RESULTS}/{{variant}}/blocks/{{block}}/infer/std.npy"}
     if UNCERTAIN
