@@ -61,7 +61,10 @@ def _train_checkpoint(key):
             f"config key train.{key}: checkpoint {value} does not exist{detail}"
         )
     rel = os.path.relpath(path.resolve(), Path(RESULTS).resolve())
-    if Path(rel).parts[:2] in (("main", "model"), ("heldout", "model")):  # would be its own input
+    if Path(rel).parts[:2] in (
+        ("main", "model"),
+        ("heldout", "model"),
+    ):  # would be its own input
         raise ValueError(
             f"config key train.{key}: {value} is a model of this study ({RESULTS}); name another study's "
             "checkpoint, or a copy of it outside results/"
@@ -80,11 +83,14 @@ if TRAIN_CHECKPOINT and INIT_FROM:
 
 def _uncertainty_head():
     """The uncertainty head the study's model has: an adopted checkpoint's own (read here, so an
-    inference-only study never needs train.uncertainty to match it), else config train.uncertainty."""
+    inference-only study never needs train.uncertainty to match it), else config train.uncertainty.
+    """
     if TRAIN_CHECKPOINT:
         try:
             import torch
-        except ImportError:  # no torch where Snakemake runs: trust the config (the job checks)
+        except (
+            ImportError
+        ):  # no torch where Snakemake runs: trust the config (the job checks)
             pass
         else:
             ckpt = torch.load(TRAIN_CHECKPOINT, map_location="cpu", weights_only=True)
