@@ -107,3 +107,25 @@ def test_observed_uses_the_one_definition_of_clear():
     np.testing.assert_array_equal(clear, cube_mod.clear_mask(cube, 2, [0, 1]))
     assert not clear[0, 0, 0] and not clear[1, 1, 1] and clear.sum() == 6
     assert np.isnan(obs[0, :, 0, 0]).all()
+
+
+def test_gap_table_shares_and_best_per_bin():
+    import pandas as pd
+
+    from stfuse.benchmark import gap_markdown, gap_table
+
+    rows = []
+    for method, maes in (("linear", (0.01, 0.03)), ("stfuse_model", (0.008, 0.04))):
+        for gap, mae, n in (("all", 0.02, 100), ("[0,5)", maes[0], 75), ("[5,10)", maes[1], 25)):
+            rows.append(dict(band="all", metric="mae", gap_bin=gap, cloud_bin="all", value=mae, n_pixels=n,
+                             n_unfilled=0, method=method, protocol="transplanted clouds"))
+            rows.append(dict(band="B04", metric="mae", gap_bin=gap, cloud_bin="all", value=9.0, n_pixels=n,
+                             n_unfilled=0, method=method, protocol="transplanted clouds"))
+    table = gap_table(pd.DataFrame(rows))
+    part = table.loc["transplanted clouds"]
+    assert list(part.index) == ["[0,5)", "[5,10)"]
+    assert part["share"].tolist() == pytest.approx([0.75, 0.25])
+    assert part.loc["[5,10)", "stfuse_model"] == pytest.approx(0.04)  # band "all" only, not B04's 9.0
+    md = gap_markdown(table)
+    assert "| [0,5) | 75.0% | 0.0100 | **0.0080** |" in md
+    assert "| [5,10) | 25.0% | **0.0300** | 0.0400 |" in md

@@ -264,7 +264,7 @@ def test_infer_rule_script_takes_threads_from_the_config(tiles_dir, tmp_path, mo
                                    flags=str(out / "flags.npy"), info=str(out / "infer.json")),
             log=[str(out / "infer.log")],
             params=SimpleNamespace(infer={"batch_size": 16, "overlap": None, "device": "cpu",
-                                          "threads": 2}),
+                                          "threads": 2}, std=None),
             threads=cores)
         _run_script("predict_block.py", job, monkeypatch)
         outputs.append(np.load(out / "prediction.npy"))

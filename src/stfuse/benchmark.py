@@ -286,6 +286,36 @@ def to_markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines).lstrip("\n") + "\n"
 
 
+def gap_table(scores: pd.DataFrame, metric: str = "mae") -> pd.DataFrame:
+    """``metric`` of each method per gap-length bin (days to the nearest clear observation of the cell), over
+    all bands and cloud fractions, per protocol; a ``share`` column gives each bin's share of the hidden cells."""
+    part = scores[(scores.band == "all") & (scores.cloud_bin == "all") & (scores.gap_bin != "all")
+                  & (scores.metric == metric)]
+    table = part.pivot_table(index=["protocol", "gap_bin"], columns="method", values="value", sort=False)
+    cells = part.groupby(["protocol", "gap_bin"], sort=False)["n_pixels"].max()
+    totals = cells.groupby(level=0, sort=False).transform("sum")
+    table.insert(0, "share", (cells / totals).reindex(table.index))
+    return table
+
+
+def gap_markdown(table: pd.DataFrame, metric: str = "mae") -> str:
+    """:func:`gap_table` as Markdown, the best method per bin in bold."""
+    lines = []
+    for protocol, part in table.groupby(level=0, sort=False):
+        part = part.droplevel(0)
+        methods = [c for c in part.columns if c != "share"]
+        lines.append(f"\n**{protocol}: {metric.upper()} by gap length** (days to the nearest clear observation; "
+                     "share of the hidden cells; best per row in bold)\n")
+        lines.append("| gap (days) | share | " + " | ".join(methods) + " |")
+        lines.append("| --- | --- |" + " --- |" * len(methods))
+        for gap, row in part.iterrows():
+            best = np.nanmin(row[methods].to_numpy(dtype=float))
+            cells = [f"**{row[m]:.4f}**" if np.isclose(row[m], best) else f"{row[m]:.4f}" for m in methods]
+            share = f"{row['share']:.1%}" if row["share"] >= 0.001 else "<0.1%"
+            lines.append(f"| {gap} | {share} | " + " | ".join(cells) + " |")
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
 def _page(body: str) -> str:
     return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>stfuse benchmark</title>"
             "<style>td, th {padding: 2px 8px; text-align: right} th {text-align: left}</style></head>\n"
@@ -859,8 +889,10 @@ def write_outputs(out_dir, table: pd.DataFrame, quick: Quicklook, ctx: ScoreCont
     lam_text, lam_info = whittaker_report(ctx, REAL in set(table.protocol))
     intro = (f"Scored on {len(eval_dates)} evaluation date(s) ({days})"
              f": {n_hidden} clear cells hidden under cloud masks transplanted from other dates." + lam_text)
-    md = intro + "\n\n" + to_markdown(summary_table(table))
+    gaps = gap_markdown(gap_table(table))
+    md = intro + "\n\n" + to_markdown(summary_table(table)) + "\n" + gaps
     page = to_html(summary_table(table), intro)
+    page = page.replace("\n</body>", "\n<pre>" + html.escape(gaps) + "</pre>\n</body>")
     cal_info = None
     if calibration is not None:
         cal_md, cal_html, cal_info = calibration_report(calibration, head)
