@@ -67,7 +67,7 @@ rule score_block:
         info=f"{RESULTS}/heldout/holdout.json",
         stats=per_block(f"{RESULTS}/benchmark/blocks/{{block}}/stats.npz"),
         heldout=per_block(f"{RESULTS}/heldout/blocks/{{block}}/infer/filled.npy"),
-        main=per_block(f"{RESULTS}/main/blocks/{{block}}/infer/filled.npy"),
+        main=main_filled_for_truth,
         truth=synthetic_truth_manifest,
     output:
         parts=f"{RESULTS}/benchmark/blocks/{{block}}/parts.npz",

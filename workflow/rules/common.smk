@@ -186,6 +186,14 @@ def synthetic_truth_manifest(wildcards):
     return [f"{RESULTS}/scene/truth/manifest.csv"] if INPUT == "synthetic" else []
 
 
+def main_filled_for_truth(wildcards):
+    """The main model's filled blocks, which only the synthetic truth's protocol (real clouds) scores: a real
+    site's benchmark then needs the heldout model alone, not a second training."""
+    if INPUT != "synthetic":
+        return []
+    return per_block(f"{RESULTS}/main/blocks/{{block}}/infer/filled.npy")(wildcards)
+
+
 wildcard_constraints:
     variant="main|heldout",
 
