@@ -1,7 +1,7 @@
 """Training wall time of the registered models on one study's tiles, in the same run.
 
 Trains each model (the U-Net with K = 2 neighbours, the attention model with ``--tattn-neighbours``)
-for ``--epochs`` epochs on the same tile export (default: the demo's heldout tiles, made by
+for ``--epochs`` epochs (the attention model ``--tattn-epochs``, default the same) on the same tile export (default: the demo's heldout tiles, made by
 ``make demo``), ``--runs`` times, the models interleaved run by run so that a busy machine slows them
 alike, and prints the median wall time of a training call (``train.train`` with ``resume=False``,
 validation and checkpoints included: what the workflow's train job costs) and the ratio to the U-Net.
@@ -9,7 +9,7 @@ validation and checkpoints included: what the workflow's train job costs) and th
 Usage::
 
     python benchmarks/bench_train_models.py [--tiles results/demo/heldout/tiles] [--epochs 30]
-                                            [--runs 3] [--threads 2] [--json out.json]
+                                            [--tattn-epochs 60] [--runs 3] [--threads 2] [--json out.json]
 """
 
 from __future__ import annotations
@@ -37,12 +37,14 @@ def main(argv=None):
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tattn-neighbours", type=int, default=4)
+    ap.add_argument("--tattn-epochs", type=int, default=None, help="epochs of the attention model (default --epochs)")
     ap.add_argument("--json", help="also write the results to this JSON file")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if not (Path(args.tiles) / "index.csv").is_file():
         raise SystemExit(f"{args.tiles} is not a tile export (no index.csv): run `make demo` first or pass --tiles")
     ks = {"unet": 2, "tattn": args.tattn_neighbours}
+    epochs = {"unet": args.epochs, "tattn": args.tattn_epochs or args.epochs}
     walls = {name: [] for name in MODELS}
     best = {}
     with tempfile.TemporaryDirectory(prefix="bench_train_models_") as work:
@@ -50,21 +52,22 @@ def main(argv=None):
             for name, params in MODELS.items():
                 t0 = time.perf_counter()
                 summary = train(args.tiles, Path(work) / name, model=name, model_params=params,
-                                k_neighbours=ks[name], epochs=args.epochs, patience=args.epochs, resume=False,
+                                k_neighbours=ks[name], epochs=epochs[name], patience=epochs[name], resume=False,
                                 threads=args.threads)
                 walls[name].append(time.perf_counter() - t0)
                 best[name] = summary["best_val_loss"]
                 print(f"run {run + 1}/{args.runs} {name}: {walls[name][-1]:.1f} s, best val loss "
                       f"{summary['best_val_loss']:.4f}", flush=True)
     median = {name: statistics.median(v) for name, v in walls.items()}
-    print(f"\n{args.epochs} epochs on {args.tiles}, {args.threads} torch threads, medians of {args.runs} runs\n")
-    print("| model | K | wall s (median) | x U-Net | best val loss |")
-    print("|---|---:|---:|---:|---:|")
+    print(f"\n{args.tiles}, {args.threads} torch threads, medians of {args.runs} runs\n")
+    print("| model | K | epochs | wall s (median) | x U-Net | best val loss |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name in MODELS:
-        print(f"| {name} | {ks[name]} | {median[name]:.1f} | {median[name] / median['unet']:.2f} | {best[name]:.4f} |")
+        print(f"| {name} | {ks[name]} | {epochs[name]} | {median[name]:.1f} | {median[name] / median['unet']:.2f} | "
+              f"{best[name]:.4f} |")
     if args.json:
         Path(args.json).write_text(json.dumps({
-            "tiles": args.tiles, "epochs": args.epochs, "runs": args.runs, "threads": args.threads,
+            "tiles": args.tiles, "epochs": epochs, "runs": args.runs, "threads": args.threads,
             "neighbours": ks, "walls": walls, "median": median, "best_val_loss": best,
             "machine": {"platform": platform.platform(), "torch": str(torch.__version__)}}, indent=2) + "\n")
 
