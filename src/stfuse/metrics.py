@@ -428,18 +428,9 @@ def partial_scores(truth, filled, hidden, bands, *, data_range: float = 1.0, gap
     is undefined), with gap_bin 'all' and cloud_bin the date's bin label (``'none'`` outside the
     bins); and one ``data_range`` row. :func:`merge_scores` sums them over the blocks.
     """
-    truth = np.asarray(truth, dtype=np.float64)
-    pred = np.asarray(filled, dtype=np.float64)
-    hidden = np.asarray(hidden, dtype=bool)
-    bands = [str(b) for b in bands]
     data_range = _check_range(data_range)
-    if truth.ndim != 4 or truth.shape != pred.shape:
-        raise ValueError(f"truth and pred must be (T, B, H, W) of one shape, got {truth.shape}, {pred.shape}")
+    (truth, pred), hidden, bands = _scored_arrays({"truth": truth, "pred": filled}, hidden, bands)
     t, nb, h, w = truth.shape
-    if hidden.shape != (t, h, w):
-        raise ValueError(f"hidden must be {(t, h, w)}, got {hidden.shape}")
-    if len(bands) != nb:
-        raise ValueError(f"{len(bands)} band names for {nb} bands")
     rs, cs = _core_slices((h, w), core)
     if win_size is None:
         win_size = ssim_win_size((h, w))
@@ -693,6 +684,25 @@ CALIBRATION_MULTIPLES = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
 _CAL_N, _CAL_WITHIN = "cal_n", "cal_within_"
 
 
+def _scored_arrays(cubes: dict, hidden, bands) -> tuple[list[np.ndarray], np.ndarray, list[str]]:
+    """The (T, B, H, W) ``cubes`` as float64 (ValueError naming them unless all have one 4-d shape),
+    ``hidden`` as bool (T, H, W) and the band names as str (one per band), checked."""
+    arrays = [np.asarray(a, dtype=np.float64) for a in cubes.values()]
+    shape = arrays[0].shape
+    if arrays[0].ndim != 4 or any(a.shape != shape for a in arrays):
+        names = " and ".join(cubes) if len(cubes) == 2 else ", ".join(list(cubes)[:-1]) + f" and {list(cubes)[-1]}"
+        raise ValueError(f"{names} must be (T, B, H, W) of one shape, got "
+                         f"{', '.join(str(a.shape) for a in arrays)}")
+    hidden = np.asarray(hidden, dtype=bool)
+    bands = [str(b) for b in bands]
+    t, nb, h, w = shape
+    if hidden.shape != (t, h, w):
+        raise ValueError(f"hidden must be {(t, h, w)}, got {hidden.shape}")
+    if len(bands) != nb:
+        raise ValueError(f"{len(bands)} band names for {nb} bands")
+    return arrays, hidden, bands
+
+
 def calibration_parts(truth, pred, std, hidden, bands, *, core=None,
                       multiples=CALIBRATION_MULTIPLES) -> pd.DataFrame:
     """Counts for the calibration of a predictive standard deviation over the hidden pixels of a
@@ -704,19 +714,9 @@ def calibration_parts(truth, pred, std, hidden, bands, *, core=None,
     cloud_bin ``'all'``, date -1): ``cal_n`` (band ``'all'``: evaluated pixels) and, per band and
     multiple k, ``cal_within_<k>``: pixels with ``|truth - pred| <= k * std``. Integer counts, so
     their sum over blocks is exact whatever the layout (:func:`calibration_from_totals`)."""
-    truth = np.asarray(truth, dtype=np.float64)
-    pred = np.asarray(pred, dtype=np.float64)
-    std = np.asarray(std, dtype=np.float64)
-    hidden = np.asarray(hidden, dtype=bool)
-    bands = [str(b) for b in bands]
-    if truth.ndim != 4 or truth.shape != pred.shape or truth.shape != std.shape:
-        raise ValueError(f"truth, pred and std must be (T, B, H, W) of one shape, got {truth.shape}, "
-                         f"{pred.shape}, {std.shape}")
+    (truth, pred, std), hidden, bands = _scored_arrays({"truth": truth, "pred": pred, "std": std}, hidden,
+                                                       bands)
     t, nb, h, w = truth.shape
-    if hidden.shape != (t, h, w):
-        raise ValueError(f"hidden must be {(t, h, w)}, got {hidden.shape}")
-    if len(bands) != nb:
-        raise ValueError(f"{len(bands)} band names for {nb} bands")
     rs, cs = _core_slices((h, w), core)
     ok = hidden & np.isfinite(truth).all(axis=1) & np.isfinite(pred).all(axis=1) & np.isfinite(std).all(axis=1)
     ti, ri, ci = np.nonzero(ok[:, rs, cs])
