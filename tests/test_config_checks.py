@@ -186,7 +186,12 @@ def test_registry_read_from_source_matches_the_real_registry():
         assert cfgcheck.model_size_multiple("unet", {"depth": depth}) == UNet(1, 1, depth=depth).size_multiple
     from stfuse.models.tattn import TemporalAttentionNet
 
-    assert cfgcheck.model_size_multiple("tattn", {}) == TemporalAttentionNet.size_multiple
+    tokens = {"tokens": [{"tag": "t", "bands": [0], "valid": 1, "sar": [], "sar_present": 2, "doy": [3, 4]}],
+              "n_bands": 1, "n_sar": 0}
+    for patch in (None, 2, 8):
+        params = {} if patch is None else {"patch": patch}
+        built = TemporalAttentionNet(5, 1, tokens, **params)
+        assert cfgcheck.model_size_multiple("tattn", params) == built.size_multiple == (patch or 4)
     with pytest.raises(ValueError, match="multiple of heads"):
         cfgcheck.model_size_multiple("tattn", {"width": 10, "heads": 4})
     with pytest.raises(ValueError, match="comes from the data"):

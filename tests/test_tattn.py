@@ -12,7 +12,7 @@ from stfuse.infer import predict_cube
 from stfuse.models import available, input_layout
 from stfuse.prior import temporal_prior
 from stfuse.tiles import export_tiles
-from stfuse.train import build_network, load_checkpoint, model_from_checkpoint, torch_threads, train
+from stfuse.train import build_network, load_checkpoint, load_init, model_from_checkpoint, torch_threads, train
 from test_train import make_channels, make_cube
 
 OPTICAL = ("B02", "B03", "B04", "B08")
@@ -89,7 +89,7 @@ def test_output_shape_and_bad_parameters(net_and_assembler):
     x = torch.from_numpy(np.stack([asm.build(cube, t)[0] for t in range(3)]))
     with torch.no_grad():
         assert net(x).shape == (3, len(OPTICAL), 32, 32)
-    with pytest.raises(ValueError, match="multiple of 2"):
+    with pytest.raises(ValueError, match="multiple of the patch size"):
         net(x[..., :15, :15])
     with pytest.raises(ValueError, match="token layout"):
         build_network("tattn", asm.n_input_channels, 4, {}, None)
@@ -194,6 +194,16 @@ def test_checkpoint_round_trip_and_stacked_models_unchanged(long_gap_run, tmp_pa
     ckpt = load_checkpoint(model)
     net = model_from_checkpoint(ckpt)
     assert type(net).__name__ == "ResidualOnPrior" and type(net.net).__name__ == "TemporalAttentionNet"
+    assert ckpt["model_revision"] == 2
+    # weights of the first tattn (self-attention at half resolution; no model_revision) are refused by name
+    old = {k: v for k, v in ckpt.items() if k != "model_revision"}
+    with pytest.raises(ValueError, match="'tattn' of architecture revision 1, this stfuse builds revision 2"):
+        model_from_checkpoint(old)
+    torch.save(old, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match=r"init_from checkpoint .*old\.pt holds model 'tattn' of architecture "
+                                         "revision 1"):
+        load_init(tmp_path / "old.pt", model="tattn", model_params=ckpt["model_params"],
+                  input_channels=ckpt["input_channels"], residual=ckpt["residual"])
     # an inference cube whose channels do not give the model's inputs is refused by name
     with pytest.raises(ValueError, match="missing"):
         predict_cube(ckpt, cube[:, :-1], channels[:-1], dates)

@@ -211,15 +211,15 @@ def _unet_multiple(params: dict) -> int:
 
 
 def _tattn_multiple(params: dict) -> int:
-    """Size multiple of stfuse.models.tattn (one stride-2 convolution): 2; checks its parameters."""
-    for key, low in (("width", 4), ("heads", 1), ("layers", 0)):
+    """Size multiple of stfuse.models.tattn (its patch size); checks its parameters."""
+    for key, low in (("width", 4), ("heads", 1), ("layers", 1), ("patch", 1)):
         value = params[key]
         if not _is_int(value) or value < low:
             raise ValueError(f"config key train.model_params.{key}: must be an integer >= {low}, got {value!r}")
     if params["width"] % params["heads"]:
         raise ValueError(f"config key train.model_params: width {params['width']} is not a multiple of heads "
                          f"{params['heads']}")
-    return 2
+    return params["patch"]
 
 
 # Models whose size multiple follows from their parameters without building them.

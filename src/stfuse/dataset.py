@@ -701,7 +701,8 @@ class GapFillDataset(Dataset):
         hide = None
         if other >= 0:
             hide = ~self.assembler.clear(np.asarray(series[other], dtype=np.float32))
-        image, mask, target, target_valid = self.assembler.build(series, t, hide)
+        # a cache for this sample: the sequence layout reads each neighbour twice (bands, then SAR)
+        image, mask, target, target_valid = self.assembler.build(series, t, hide, cache={})
 
         metadata = {
             "tile": tile_id,

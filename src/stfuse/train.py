@@ -130,11 +130,11 @@ from torch.utils.data import DataLoader, Subset
 
 import stfuse
 from stfuse.dataset import DT_SCALE_DAYS, GapFillDataset
-from stfuse.models import ResidualOnPrior, build_model, input_layout, size_multiple, zero_init_output
+from stfuse.models import ResidualOnPrior, build_model, input_layout, revision, size_multiple, zero_init_output
 from stfuse.models import uncertainty as heads
 from stfuse.tiles import BLOCK_FILE, CHANNELS_FILE, CLEAR_FILE, INDEX_FILE, STATS_FILE, TILES_FILE
 
-__all__ = ["train", "load_checkpoint", "check_channels", "model_from_checkpoint", "build_network",
+__all__ = ["train", "load_checkpoint", "check_channels", "check_revision", "model_from_checkpoint", "build_network",
            "load_init", "adopt_checkpoint", "channel_mismatch",
            "resolve_device", "torch_threads", "fingerprint", "atomic_write", "CHECKPOINT_FORMAT"]
 
@@ -423,12 +423,23 @@ def build_network(model: str, in_channels: int, out_channels: int, params: dict,
                            extra_channels=n_out - out_channels)
 
 
+def check_revision(ckpt: dict, source: str = "the checkpoint") -> None:
+    """ValueError when ``ckpt`` holds weights of another revision of its architecture than this stfuse
+    builds (:func:`stfuse.models.revision`; checkpoints without the key are revision 1)."""
+    have, want = int(ckpt.get("model_revision", 1)), revision(ckpt["model"])
+    if have != want:
+        raise ValueError(f"{source} holds model {ckpt['model']!r} of architecture revision {have}, this stfuse "
+                         f"builds revision {want}: its weights do not fit; train it again (in a study: "
+                         "snakemake -R train_model)")
+
+
 def model_from_checkpoint(ckpt: dict, device=None) -> torch.nn.Module:
     """Rebuild the model of a loaded checkpoint, weights loaded, in eval mode.
 
     Checkpoints with a ``residual`` entry give a :class:`ResidualOnPrior` around the registered
     model; older ones (no entry) the registered model itself.
     """
+    check_revision(ckpt)
     model = build_network(ckpt["model"], ckpt["in_channels"], ckpt["out_channels"],
                           ckpt["model_params"], ckpt.get("residual"), tokens=ckpt.get("token_layout"),
                           uncertainty=ckpt.get("uncertainty"))
@@ -502,6 +513,7 @@ def load_init(init_from, *, model: str, model_params: dict, input_channels, resi
         raise ValueError(f"{where} holds model {ckpt['model']!r} with model_params {ckpt['model_params']}, "
                          f"but this run builds {model!r} with {model_params}: set model and model_params "
                          "(config keys train.model, train.model_params) to the checkpoint's")
+    check_revision(ckpt, where)
     problem = channel_mismatch(ckpt["input_channels"], input_channels)
     if problem is not None:
         hint = (f" (list the bands in the checkpoint's order: {_band_order_hint(ckpt)})"
@@ -579,6 +591,7 @@ def adopt_checkpoint(checkpoint, tiles_dir, out_dir, *, k_neighbours=None, key: 
         ckpt = load_checkpoint(src)
     except (FileNotFoundError, ValueError) as exc:
         raise type(exc)(f"config key {key}: {exc}") from exc
+    check_revision(ckpt, where)
     tiles_dir, out = Path(tiles_dir), Path(out_dir)
     meta = json.loads((tiles_dir / CHANNELS_FILE).read_text())
     channels, got = _study_input_channels(ckpt, meta["channels"], meta["dates"])
@@ -909,7 +922,7 @@ def _train(tiles_dir, out_dir, *, model, model_params, epochs, batch_size, lr, k
     head = heads.check_head(uncertainty)
     config = {
         "tiles_dir": str(tiles_dir.resolve()), "model": model, "model_params": params,
-        "epochs": int(epochs), "batch_size": int(batch_size), "lr": float(lr),
+        "model_revision": revision(model), "epochs": int(epochs), "batch_size": int(batch_size), "lr": float(lr),
         "k_neighbours": int(k_neighbours), "extra_mask_fraction": float(extra_mask_fraction),
         "seed": int(seed), "device": str(dev), "amp": amp, "patience": int(patience),
         "num_workers": int(num_workers), "max_minutes": max_minutes,
@@ -1013,6 +1026,7 @@ def _checkpoint_base(tiles_dir: Path, train_ds, config: dict, residual_spec) -> 
         "format": CHECKPOINT_FORMAT,
         "format_version": CHECKPOINT_VERSION if residual_spec is not None else 1,
         "model": config["model"], "model_params": config["model_params"],
+        "model_revision": config["model_revision"],
         "in_channels": train_ds.n_input_channels, "out_channels": len(train_ds.target_channels),
         "input_channels": list(train_ds.input_channels),
         "target_channels": list(train_ds.target_channels),

@@ -18,6 +18,10 @@ layout of :class:`stfuse.dataset.InputAssembler` and passes the builder ``tokens
 assembler's :meth:`~stfuse.dataset.InputAssembler.token_layout`: which input channels belong to
 which date), which the checkpoint keeps (``input_layout``, ``token_layout``).
 
+``revision=`` (default 1) numbers an architecture whose weights changed shape under the same name;
+checkpoints record it (``model_revision``), and a checkpoint of another revision is refused with a
+clear error instead of a state-dict mismatch (``tattn`` is at revision 2: patches and cross-attention).
+
 Contract for a model: ``forward(x)`` maps (N, in_channels, s, s) to (N, out_channels, s, s);
 the output is the optical bands at the target date in normalised units. A model may set an
 integer attribute ``size_multiple`` (tile sizes must be multiples of it; default 1).
@@ -37,17 +41,18 @@ from stfuse._optional import require_torch
 
 torch = require_torch(__name__)
 
-__all__ = ["register", "build_model", "available", "size_multiple", "input_layout",
+__all__ = ["register", "build_model", "available", "size_multiple", "input_layout", "revision",
            "ResidualOnPrior", "zero_init_output"]
 
 _REGISTRY: dict[str, Callable[..., torch.nn.Module]] = {}
 _LAYOUT: dict[str, str] = {}
+_REVISION: dict[str, int] = {}
 LAYOUTS = ("stacked", "sequence")  # those of stfuse.dataset.InputAssembler
 
 
-def register(name: str, layout: str = "stacked"):
+def register(name: str, layout: str = "stacked", revision: int = 1):
     """Decorator: register ``builder(in_channels, out_channels, **params)`` under ``name``;
-    ``layout="sequence"``: the builder also takes ``tokens=`` (see the module docstring)."""
+    ``layout="sequence"``: the builder also takes ``tokens=``; ``revision``: see the module docstring."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"model name must be a non-empty string, got {name!r}")
     if layout not in LAYOUTS:
@@ -58,6 +63,7 @@ def register(name: str, layout: str = "stacked"):
             raise ValueError(f"model {name!r} is already registered")
         _REGISTRY[name] = builder
         _LAYOUT[name] = layout
+        _REVISION[name] = int(revision)
         return builder
 
     return deco
@@ -68,6 +74,12 @@ def input_layout(name: str) -> str:
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; registered models: {', '.join(available())}")
     return _LAYOUT[name]
+
+
+def revision(name: str) -> int:
+    """The architecture revision of the registered model ``name`` (module docstring)."""
+    input_layout(name)  # the unknown-name error
+    return _REVISION[name]
 
 
 def available() -> list[str]:
