@@ -194,6 +194,8 @@ def test_registry_read_from_source_matches_the_real_registry():
         assert cfgcheck.model_size_multiple("tattn", params) == built.size_multiple == (patch or 4)
     with pytest.raises(ValueError, match="multiple of heads"):
         cfgcheck.model_size_multiple("tattn", {"width": 10, "heads": 4})
+    with pytest.raises(ValueError, match=r"train.model_params.patch: must be an integer >= 1, got 0"):
+        cfgcheck.model_size_multiple("tattn", {"patch": 0})
     with pytest.raises(ValueError, match="comes from the data"):
         cfgcheck.model_size_multiple("tattn", {"tokens": {}})
 
