@@ -136,6 +136,7 @@ class TemporalAttentionNet(nn.Module):
             rows.append([*tok["bands"], tok["valid"], *tok["sar"], tok["sar_present"], *tok["doy"],
                          dt, present, one if i == 0 else zero])
         self.n_features = len(rows[0])
+        self._clear_feature = n_bands  # where a token row holds the clear flag (after the bands)
         self.register_buffer("_gather", torch.tensor(rows, dtype=torch.long).reshape(-1),
                              persistent=False)
         self.register_buffer("_dt_idx", torch.tensor([r[-3] for r in rows], dtype=torch.long),
@@ -192,7 +193,7 @@ class TemporalAttentionNet(nn.Module):
         # item 5: the last scores per pixel, over the dates clear (and present) there
         scores = scores.reshape(n, hp, wp, heads * t).permute(0, 3, 1, 2)
         scores = nn.functional.interpolate(scores, scale_factor=p, mode="nearest")
-        usable = (feats[:, :, b] > 0.5) & present[..., None, None]  # (n, t, h, w)
+        usable = (feats[:, :, self._clear_feature] > 0.5) & present[..., None, None]  # (n, t, h, w)
         scores = scores.reshape(n, heads, t, h, w).masked_fill(~usable[:, None], float("-inf"))
         # a softmax that gives all-zero weights (not NaN) where no date is usable
         top = scores.detach().amax(dim=2, keepdim=True).clamp_min(-1e4)
